@@ -1,0 +1,202 @@
+"""GLIP models: transformers' CLIP with patch tokens dropped after the vision embeddings (arXiv 2403.15837).
+
+Only the vision embeddings differ from CLIP. In training (``model.train()``) with ``mask_ratio > 0`` they keep
+``k = max(1, int(N * (1 - mask_ratio)))`` patches chosen by [`glip_hf.masking`] plus the CLS token, so every
+encoder layer runs on ``k + 1`` tokens. The patch projection runs on the kept patches only. In eval mode the
+model is exactly CLIP; [`masked_inference`] turns masking on (or off) explicitly for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPModel, CLIPVisionModel
+from transformers import initialization as init
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPVisionEmbeddings
+
+from .configuration_glip import MASKING_FIELDS, GLIPConfig, GLIPVisionConfig
+from .masking import keep_indices_from_offset, masking_offset, num_kept_patches
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """What the vision embeddings apply in one forward pass."""
+
+    mask_ratio: float
+    mask_strategy: str
+    mask_sigma: float
+
+
+class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
+    """CLIP's vision embeddings, dropping patch tokens when masking is active.
+
+    Position embeddings are added before dropping, so a kept patch keeps its position; the CLS token is always
+    kept. Output ``(B, 1 + k, D)`` when masking, else ``(B, 1 + N, D)`` exactly as CLIP.
+    """
+
+    def __init__(self, config: GLIPVisionConfig):
+        super().__init__(config)
+        grid = self.image_size // self.patch_size
+        # 1 - pdf for the configured grid, on the model's device; other grids/sigmas are computed on the fly.
+        self.register_buffer(
+            "mask_offset", masking_offset(grid, config.mask_strategy, config.mask_sigma), persistent=False
+        )
+        self._offset_key = ((grid, grid), config.mask_strategy, config.mask_sigma)
+        self.masking_override: MaskingSpec | None = None  # set by `masked_inference`
+
+    def active_masking(self) -> MaskingSpec | None:
+        """The masking this forward pass applies, or None for the full (CLIP) path."""
+        spec = self.masking_override
+        if spec is None and self.training:
+            spec = MaskingSpec(*(getattr(self.config, name) for name in MASKING_FIELDS))
+        return spec if spec is not None and spec.mask_ratio > 0 else None
+
+    def _offset(self, grid: tuple[int, int], spec: MaskingSpec) -> torch.Tensor:
+        if (grid, spec.mask_strategy, spec.mask_sigma) == self._offset_key:
+            return self.mask_offset
+        return masking_offset(grid, spec.mask_strategy, spec.mask_sigma, device=self.mask_offset.device)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        spec = self.active_masking()
+        if spec is None:
+            return super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        batch_size, channels, height, width = pixel_values.shape
+        if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
+            raise ValueError(
+                f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*{self.image_size})."
+            )
+        p = self.patch_size
+        grid = (height // p, width // p)
+        num_patches = grid[0] * grid[1]
+        keep = keep_indices_from_offset(
+            batch_size, self._offset(grid, spec), num_kept_patches(num_patches, spec.mask_ratio)
+        )  # (B, k)
+
+        # The stride-p convolution equals a linear map on flattened p x p patches: project only the kept ones.
+        weight = self.patch_embedding.weight  # (D, C, p, p)
+        pixels = pixel_values[:, :, : grid[0] * p, : grid[1] * p].to(weight.dtype)
+        patches = pixels.reshape(batch_size, channels, grid[0], p, grid[1], p)
+        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, num_patches, -1)  # (B, N, C*p*p)
+        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, k, C*p*p)
+        patch_embeds = patches @ weight.flatten(1).t()  # (B, k, D)
+
+        positions = self._position_table(num_patches, height, width, interpolate_pos_encoding)  # (1, 1 + N, D)
+        patch_positions = positions[:, 1:].expand(batch_size, -1, -1)
+        patch_positions = patch_positions.gather(1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))  # (B, k, D)
+        class_embeds = (self.class_embedding + positions[0, 0]).expand(batch_size, 1, -1)  # (B, 1, D)
+        return torch.cat([class_embeds, patch_embeds + patch_positions], dim=1)  # (B, 1 + k, D)
+
+    def _position_table(self, num_patches: int, height: int, width: int, interpolate: bool) -> torch.Tensor:
+        """Position embeddings ``(1, 1 + N, D)`` for the grid of this input, interpolated if asked."""
+        if not interpolate:
+            return self.position_embedding.weight.unsqueeze(0)
+        # `interpolate_pos_encoding` reads only the shape of its first argument.
+        shape_only = torch.empty(1, 1 + num_patches, self.embed_dim, device="meta")
+        return self.interpolate_pos_encoding(shape_only, height, width)
+
+
+class GLIPPreTrainedModel(CLIPPreTrainedModel):
+    config: GLIPConfig
+    config_class = GLIPConfig
+    base_model_prefix = "clip"
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "GLIPVisionEmbeddings"]
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers skips `_init_weights` for parameter-less modules (CLIPAttention, CLIPMLP) of "custom code",
+        # which would leave their projections at the generic init. Our init goes through the flag-aware
+        # `transformers.initialization` functions like in-library models, so the shortcut is not needed.
+        return False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, GLIPVisionEmbeddings):
+            # Non-persistent buffers are not in checkpoints: refill them when weights are (re)initialised.
+            grid, strategy, sigma = module._offset_key
+            init.copy_(module.mask_offset, masking_offset(grid, strategy, sigma))
+
+
+class GLIPVisionModel(CLIPVisionModel, GLIPPreTrainedModel):
+    """[`transformers.CLIPVisionModel`] with [`GLIPVisionEmbeddings`]."""
+
+    config: GLIPVisionConfig
+    config_class = GLIPVisionConfig
+
+    def __init__(self, config: GLIPVisionConfig):
+        super().__init__(config)
+        self.embeddings = GLIPVisionEmbeddings(config)
+        self.post_init()  # initialise the swapped module as CLIP does
+
+
+class GLIPModel(CLIPModel, GLIPPreTrainedModel):
+    """[`transformers.CLIPModel`] whose vision tower is a [`GLIPVisionModel`].
+
+    Example:
+
+    ```python
+    >>> from glip_hf import GLIPModel
+    >>> model = GLIPModel.from_pretrained("openai/clip-vit-base-patch16", mask_ratio=0.5, mask_strategy="gaussian")
+    >>> model.train()  # masking is active in training only
+    ```"""
+
+    config: GLIPConfig
+    config_class = GLIPConfig
+
+    def __init__(self, config: GLIPConfig):
+        super().__init__(config)
+        self.vision_model = GLIPVisionModel._from_config(config.vision_config)
+        self.post_init()
+
+
+def glip_embeddings(model: nn.Module) -> list[GLIPVisionEmbeddings]:
+    """Every [`GLIPVisionEmbeddings`] inside ``model`` (works through DDP / compile / pipeline wrappers)."""
+    return [module for module in model.modules() if isinstance(module, GLIPVisionEmbeddings)]
+
+
+@contextlib.contextmanager
+def masked_inference(
+    model: nn.Module, mask_ratio: float, mask_strategy: str | None = None, mask_sigma: float | None = None
+) -> Iterator[nn.Module]:
+    """Apply masking in every forward pass inside the block, in eval mode too (the paper's *masked inference*).
+
+    ``mask_ratio=0`` turns masking off, in training mode too. Strategy and sigma default to the model's config.
+
+    ```python
+    >>> with masked_inference(model, mask_ratio=0.5):
+    ...     features = model.get_image_features(pixel_values=pixel_values)
+    ```
+    """
+    modules = glip_embeddings(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no GLIP vision embeddings; load it with GLIPModel.from_pretrained."
+        )
+    previous = [module.masking_override for module in modules]
+    try:
+        for module in modules:
+            # Validate through the config class so a bad value names its field.
+            checked = GLIPVisionConfig(
+                mask_ratio=mask_ratio,
+                mask_strategy=mask_strategy or module.config.mask_strategy,
+                mask_sigma=mask_sigma or module.config.mask_sigma,
+            )
+            module.masking_override = MaskingSpec(*(getattr(checked, name) for name in MASKING_FIELDS))
+        yield model
+    finally:
+        for module, spec in zip(modules, previous):
+            module.masking_override = spec
+
+
+__all__ = [
+    "GLIPModel",
+    "GLIPPreTrainedModel",
+    "GLIPVisionEmbeddings",
+    "GLIPVisionModel",
+    "MaskingSpec",
+    "glip_embeddings",
+    "masked_inference",
+]

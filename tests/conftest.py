@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny, oddly sized configs (so shape bugs show), a tokenizer trained offline, saved models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from glip_hf import GLIPConfig, GLIPModel  # noqa: E402
+from glip_hf.synthetic import CAPTION_TEMPLATES, COLOURS, SHAPES, SIZES  # noqa: E402
+from glip_hf.tokenization import text_config_overrides, train_clip_tokenizer  # noqa: E402
+
+IMAGE_SIZE, PATCH_SIZE = 30, 2  # 15 x 15 = 225 patches
+TEXT_LEN = 32
+
+
+def tiny_config(tokenizer=None, **overrides) -> GLIPConfig:
+    text = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=TEXT_LEN,
+        vocab_size=99,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    if tokenizer is not None:
+        text.update(text_config_overrides(tokenizer))
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    return GLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
+
+
+def caption_corpus() -> list[str]:
+    return [
+        t.format(colour=c, shape=s, size=z) for t in CAPTION_TEMPLATES for c in COLOURS for s in SHAPES for z in SIZES
+    ]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_clip_tokenizer(caption_corpus(), vocab_size=256, model_max_length=TEXT_LEN)
+
+
+@pytest.fixture
+def config():
+    return tiny_config(mask_ratio=0.5, mask_strategy="gaussian", mask_sigma=0.2)
+
+
+@pytest.fixture
+def inputs():
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    input_ids = torch.randint(2, 99, (3, 7), generator=generator)
+    input_ids[:, 0], input_ids[:, -1] = 0, 1  # bos ... eos
+    return {"pixel_values": pixel_values, "input_ids": input_ids}
+
+
+@pytest.fixture
+def model(config):
+    torch.manual_seed(0)
+    return GLIPModel(config)
+
+
+@pytest.fixture(scope="session")
+def saved_model_dir(tmp_path_factory, tokenizer):
+    """A GLIP checkpoint with tokenizer and image processor saved alongside (what a pipeline needs)."""
+    from transformers import CLIPImageProcessor
+
+    path = tmp_path_factory.mktemp("glip_model")
+    torch.manual_seed(0)
+    GLIPModel(tiny_config(tokenizer, mask_ratio=0.5)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size).save_pretrained(path)
+    return path

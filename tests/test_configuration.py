@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from glip_hf import GLIPConfig, GLIPVisionConfig
+
+
+def test_masking_fields_land_on_vision_config():
+    config = GLIPConfig(mask_ratio=0.75, mask_strategy="random", mask_sigma=0.8)
+    assert config.model_type == "glip"
+    assert isinstance(config.vision_config, GLIPVisionConfig)
+    assert (config.vision_config.mask_ratio, config.vision_config.mask_strategy) == (0.75, "random")
+    assert config.vision_config.mask_sigma == 0.8
+    top_level = config.to_dict()
+    assert not {"mask_ratio", "mask_strategy", "mask_sigma"} & set(top_level), "fields must not be stored twice"
+
+
+def test_defaults_are_the_papers():
+    vision = GLIPVisionConfig()
+    assert (vision.mask_ratio, vision.mask_strategy, vision.mask_sigma) == (0.5, "gaussian", 0.2)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mask_ratio", 1.0),
+        ("mask_ratio", -0.1),
+        ("mask_ratio", "half"),
+        ("mask_ratio", True),
+        ("mask_strategy", "uniform"),
+        ("mask_sigma", 0.0),
+        ("mask_sigma", -1.0),
+        ("mask_sigma", float("inf")),
+    ],
+)
+def test_bad_values_raise_value_error_naming_field_and_value(field, value):
+    with pytest.raises(ValueError, match=rf"{field}.*{value!r}".replace("(", r"\(").replace(")", r"\)")):
+        GLIPConfig(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        GLIPVisionConfig(**{field: value})
+    config = GLIPConfig()
+    with pytest.raises(ValueError, match=field):
+        setattr(config.vision_config, field, value)  # assignment is validated too
+
+
+def test_save_load_round_trip(tmp_path):
+    config = GLIPConfig(mask_ratio=0.918, mask_strategy="gaussian", mask_sigma=0.1, projection_dim=64)
+    config.save_pretrained(tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert on_disk["model_type"] == "glip" and on_disk["vision_config"]["mask_ratio"] == 0.918
+    loaded = GLIPConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert GLIPConfig.from_pretrained(tmp_path, mask_ratio=0.25).vision_config.mask_ratio == 0.25
+
+
+def test_auto_config_knows_glip(tmp_path):
+    from transformers import AutoConfig
+
+    GLIPConfig(mask_ratio=0.3).save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, GLIPConfig) and loaded.mask_ratio == 0.3

@@ -1,0 +1,126 @@
+"""Masking functions: counts, reproducibility, devices and the keep-frequency statistics of the reference rule."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from glip_hf.masking import (
+    gaussian_prior,
+    keep_frequency,
+    num_kept_patches,
+    render_mask_figure,
+    sample_keep_indices,
+)
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.0, 196), (0.5, 98), (0.75, 49), (0.918, 16), (0.999, 1)])
+def test_exact_kept_counts(ratio, expected):
+    assert num_kept_patches(196, ratio) == expected
+    keep = sample_keep_indices(4, 14, ratio)
+    assert keep.shape == (4, expected) and keep.dtype == torch.long
+
+
+def test_indices_are_distinct_sorted_and_in_range():
+    keep = sample_keep_indices(8, (5, 7), 0.6, strategy="gaussian", generator=torch.Generator().manual_seed(1))
+    assert keep.min() >= 0 and keep.max() < 35
+    assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)
+    assert torch.equal(keep, keep.sort(dim=-1).values)
+
+
+def test_generator_reproducibility():
+    a = sample_keep_indices(6, 14, 0.75, generator=torch.Generator().manual_seed(7))
+    b = sample_keep_indices(6, 14, 0.75, generator=torch.Generator().manual_seed(7))
+    c = sample_keep_indices(6, 14, 0.75, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_meta_device_gives_shapes_without_data():
+    keep = sample_keep_indices(3, (4, 6), 0.5, device="meta")
+    assert keep.device.type == "meta" and keep.shape == (3, 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_draws_stay_on_device():
+    keep = sample_keep_indices(3, 14, 0.5, device="cuda")
+    assert keep.device.type == "cuda"
+
+
+def reference_keep_frequency(height, width, ratio, sigma, samples, seed, strategy="gaussian"):
+    """An independent numpy re-implementation of the reference rule (DESIGN.md), tallied per patch."""
+    xs, ys = np.meshgrid(np.linspace(-1, 1, width), np.linspace(-1, 1, height))
+    cov = np.array([[sigma, 0.0], [0.0, sigma]])
+    points = np.stack([xs.ravel(), ys.ravel()], axis=1)
+    density = np.exp(-0.5 * np.einsum("ni,ij,nj->n", points, np.linalg.inv(cov), points))
+    density /= 2 * math.pi * math.sqrt(np.linalg.det(cov))
+    rng = np.random.default_rng(seed)
+    k = max(1, int(height * width * (1 - ratio)))
+    offset = (1 - density) if strategy == "gaussian" else 0.0
+    scores = rng.random((samples, height * width)) - offset
+    kept = np.argsort(-scores, axis=1)[:, :k]
+    return np.bincount(kept.ravel(), minlength=height * width).reshape(height, width) / samples
+
+
+SAMPLES = 20000
+# Each frequency is a Bernoulli mean over SAMPLES draws: std <= 0.5 / sqrt(SAMPLES) = 0.0035 per estimate, so the
+# difference of two independent estimates has std <= 0.005; 0.025 is 5 standard deviations.
+TOL = 0.025
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.2, 0.8])
+def test_gaussian_keep_frequency_matches_reference_rule(sigma):
+    ours = keep_frequency((6, 9), 0.75, "gaussian", sigma, SAMPLES, torch.Generator().manual_seed(0)).numpy()
+    reference = reference_keep_frequency(6, 9, 0.75, sigma, SAMPLES, seed=1)
+    assert np.abs(ours - reference).max() < TOL
+    # The test can fail: reading sigma as a standard deviation (the classic misreading) is detected.
+    misread = reference_keep_frequency(6, 9, 0.75, sigma**2, SAMPLES, seed=2)
+    assert np.abs(ours - misread).max() > TOL
+
+
+def test_random_keep_frequency_is_uniform():
+    freq = keep_frequency((6, 9), 0.75, "random", num_samples=SAMPLES, generator=torch.Generator().manual_seed(0))
+    k = num_kept_patches(54, 0.75)
+    assert torch.allclose(freq, torch.full_like(freq, k / 54), atol=TOL)
+
+
+def test_centre_kept_more_than_corners_and_monotone_in_sigma():
+    centres, corners = [], []
+    for sigma in (0.1, 0.2, 0.8):
+        freq = keep_frequency(14, 0.75, "gaussian", sigma, 8000, torch.Generator().manual_seed(3))
+        centre, corner = freq[6:8, 6:8].mean().item(), freq[[0, 0, -1, -1], [0, -1, 0, -1]].mean().item()
+        assert centre > corner + 0.1  # even the flattest prior (sigma=0.8) favours the centre by ~0.14
+        centres.append(centre)
+        corners.append(corner)
+    assert centres[0] > centres[1] > centres[2]
+    # Corners are not monotone between 0.1 and 0.2 (the saturated centre frees slots), but the flat prior wins.
+    assert corners[2] > max(corners[0], corners[1])
+
+
+def test_non_square_grid_prior_is_centred_and_symmetric():
+    prior = gaussian_prior((3, 5), 0.2)
+    assert prior.shape == (3, 5)
+    assert prior.argmax().item() == 7  # row 1, column 2: the centre of a 3 x 5 grid
+    assert torch.allclose(prior, prior.flip(0)) and torch.allclose(prior, prior.flip(1))
+    assert prior[1, 2].item() == pytest.approx(1 / (2 * math.pi * 0.2))
+    freq = keep_frequency((3, 5), 0.6, "gaussian", 0.2, 8000, torch.Generator().manual_seed(0))
+    assert freq.sum().item() == pytest.approx(num_kept_patches(15, 0.6))
+    assert freq[1, 2] > freq[0, 0]
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="mask_ratio"):
+        sample_keep_indices(2, 14, 1.0)
+    with pytest.raises(ValueError, match="strategy"):
+        sample_keep_indices(2, 14, 0.5, strategy="uniform")
+    with pytest.raises(ValueError, match="sigma"):
+        gaussian_prior(14, 0.0)
+
+
+def test_mask_figure_renders(tmp_path):
+    image = torch.rand(3, 64, 64)
+    path = render_mask_figure(image, tmp_path / "masks.png", patch_size=8, num_samples=64)
+    assert path.stat().st_size > 10_000
+    from PIL import Image
+
+    assert Image.open(path).size[0] > 400

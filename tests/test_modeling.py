@@ -1,0 +1,192 @@
+"""GLIPModel behaves as CLIPModel in eval mode and drops the right tokens in training (ModelTester pattern)."""
+
+import pytest
+import torch
+from conftest import IMAGE_SIZE, PATCH_SIZE, tiny_config
+from transformers import CLIPModel
+
+from glip_hf import GLIPModel, GLIPVisionModel, masked_inference, sample_keep_indices
+from glip_hf.hub import to_clip_config
+from glip_hf.masking import masking_offset, num_kept_patches
+from glip_hf.modeling_glip import GLIPVisionEmbeddings
+
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 225
+
+
+class GLIPModelTester:
+    """Tiny, oddly sized GLIP models and the shape checks transformers runs on CLIP."""
+
+    def __init__(self, batch_size=3, seq_length=7, mask_ratio=0.5):
+        self.batch_size, self.seq_length, self.mask_ratio = batch_size, seq_length, mask_ratio
+        self.kept = num_kept_patches(NUM_PATCHES, mask_ratio)
+
+    def prepare(self, **config_overrides):
+        config = tiny_config(mask_ratio=self.mask_ratio, **config_overrides)
+        generator = torch.Generator().manual_seed(0)
+        pixel_values = torch.randn(self.batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+        input_ids = torch.randint(2, 99, (self.batch_size, self.seq_length), generator=generator)
+        input_ids[:, 0], input_ids[:, -1] = 0, 1
+        return config, {"pixel_values": pixel_values, "input_ids": input_ids}
+
+    def create_and_check_model(self, config, inputs, training):
+        torch.manual_seed(0)
+        model = GLIPModel(config).train(training)
+        out = model(**inputs, return_loss=True)
+        b, tokens = self.batch_size, 1 + (self.kept if training else NUM_PATCHES)
+        assert out.logits_per_image.shape == (b, b) and out.logits_per_text.shape == (b, b)
+        assert out.image_embeds.shape == (b, 16) and out.text_embeds.shape == (b, 16)
+        assert out.vision_model_output.last_hidden_state.shape == (b, tokens, 32)
+        assert out.text_model_output.last_hidden_state.shape == (b, self.seq_length, 32)
+        assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+tester = GLIPModelTester()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_model_shapes(training):
+    tester.create_and_check_model(*tester.prepare(), training=training)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.918])
+def test_exact_token_count_per_ratio(ratio):
+    config, inputs = GLIPModelTester(mask_ratio=ratio).prepare()
+    model = GLIPVisionModel(config.vision_config).train()
+    hidden = model(pixel_values=inputs["pixel_values"]).last_hidden_state
+    assert hidden.shape[1] == 1 + max(1, int(NUM_PATCHES * (1 - ratio)))
+
+
+def test_masked_embeddings_are_the_unmasked_ones_gathered_and_cls_is_kept():
+    config, inputs = tester.prepare()
+    torch.manual_seed(0)
+    embeddings = GLIPVisionEmbeddings(config.vision_config)
+    full = embeddings.eval()(inputs["pixel_values"])  # (B, 1 + N, D) via the convolution
+    torch.manual_seed(11)
+    masked = embeddings.train()(inputs["pixel_values"])  # (B, 1 + k, D) via the kept-patch projection
+    torch.manual_seed(11)
+    keep = sample_keep_indices(tester.batch_size, IMAGE_SIZE // PATCH_SIZE, tester.mask_ratio)
+    expected = full[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, 32))
+    torch.testing.assert_close(masked[:, 1:], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(masked[:, 0], full[:, 0])  # CLS token: always kept, same value
+    cls = embeddings.class_embedding + embeddings.position_embedding.weight[0]
+    torch.testing.assert_close(masked[:, 0], cls.expand(tester.batch_size, -1))
+
+
+def test_eval_outputs_equal_clip_with_same_weights(model, inputs):
+    clip = CLIPModel(to_clip_config(model.config))
+    clip.load_state_dict(model.state_dict())
+    model.eval(), clip.eval()
+    ours, theirs = model(**inputs), clip(**inputs)
+    torch.testing.assert_close(ours.logits_per_image, theirs.logits_per_image, atol=0, rtol=0)
+    torch.testing.assert_close(ours.image_embeds, theirs.image_embeds, atol=0, rtol=0)
+
+
+def test_weights_initialise_as_clip():
+    config = tiny_config(mask_ratio=0.5)
+    config.vision_config.hidden_size = config.text_config.hidden_size = 64
+    torch.manual_seed(0)
+    glip = GLIPModel(config).state_dict()
+    torch.manual_seed(1)
+    clip = CLIPModel(to_clip_config(config)).state_dict()
+    assert glip.keys() == clip.keys()
+    for name, tensor in glip.items():
+        if tensor.numel() < 64 or not tensor.is_floating_point():
+            continue
+        # Same init distribution: stds within 20% (each from >= 64 draws) and same constant-init values.
+        assert tensor.std().item() == pytest.approx(clip[name].std().item(), rel=0.2, abs=1e-6), name
+    assert glip["logit_scale"].item() == pytest.approx(clip["logit_scale"].item())
+    # The embeddings swapped in after CLIP's construction were initialised by CLIP's rule, not PyTorch's.
+    class_std = glip["vision_model.embeddings.class_embedding"].std().item()
+    assert class_std == pytest.approx(64**-0.5, rel=0.25)
+
+
+def test_save_load_round_trip_keeps_outputs_and_prior_buffer(model, inputs, tmp_path):
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = GLIPModel.from_pretrained(tmp_path)
+    assert not loaded.training, "from_pretrained returns eval mode"
+    torch.testing.assert_close(loaded(**inputs).logits_per_image, model(**inputs).logits_per_image)
+    offset = loaded.vision_model.embeddings.mask_offset
+    torch.testing.assert_close(offset, masking_offset(15, "gaussian", 0.2))
+
+
+def test_hidden_states_and_attentions_follow_kept_tokens(inputs):
+    config = tiny_config(mask_ratio=0.5)
+    config._attn_implementation = "eager"
+    model = GLIPModel(config).train()
+    out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    vision = out.vision_model_output
+    tokens = 1 + num_kept_patches(NUM_PATCHES, 0.5)
+    assert len(vision.hidden_states) == 3 and all(h.shape == (3, tokens, 32) for h in vision.hidden_states)
+    assert len(vision.attentions) == 2 and all(a.shape == (3, 4, tokens, tokens) for a in vision.attentions)
+
+
+def test_batching_equivalence(model, inputs):
+    model.eval()
+    batched = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    single = torch.cat([model.get_image_features(pixel_values=x[None]).pooler_output for x in inputs["pixel_values"]])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_and_eager_agree_in_masked_training(inputs):
+    outputs = []
+    for implementation in ("eager", "sdpa"):
+        config = tiny_config(mask_ratio=0.5)
+        config._attn_implementation = implementation
+        torch.manual_seed(0)
+        model = GLIPModel(config).train()
+        torch.manual_seed(5)
+        outputs.append(model(**inputs).logits_per_image)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_same_gradients(inputs):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GLIPModel(tiny_config(mask_ratio=0.5)).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        torch.manual_seed(3)
+        model(**inputs, return_loss=True).loss.backward()
+        grads.append(model.vision_model.embeddings.patch_embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_interpolate_pos_encoding(model, training):
+    pixel_values = torch.randn(2, 3, 34, 34)  # 17 x 17 patches, trained at 15 x 15
+    model.train(training)
+    hidden = model.vision_model(pixel_values=pixel_values, interpolate_pos_encoding=True).last_hidden_state
+    assert hidden.shape[1] == 1 + (num_kept_patches(289, 0.5) if training else 289)
+    with pytest.raises(ValueError, match="doesn't match"):
+        model.vision_model(pixel_values=pixel_values)
+
+
+def test_masked_inference_context_manager(model, inputs):
+    model.eval()
+    vision = model.vision_model
+    assert vision(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[1] == 1 + NUM_PATCHES
+    with masked_inference(model, mask_ratio=0.75, mask_strategy="random"):
+        assert vision(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[1] == 1 + 56
+    assert vision(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[1] == 1 + NUM_PATCHES
+    model.train()
+    with masked_inference(model, mask_ratio=0.0):  # explicit unmasked, even in training
+        assert vision(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[1] == 1 + NUM_PATCHES
+    with pytest.raises(ValueError, match="mask_ratio"), masked_inference(model, mask_ratio=1.5):
+        pass
+    with pytest.raises(ValueError, match="GLIP"), masked_inference(torch.nn.Linear(2, 2), mask_ratio=0.5):
+        pass
+
+
+def test_masking_runs_on_meta_device(config):
+    with torch.device("meta"):
+        model = GLIPVisionModel(config.vision_config).train()
+        hidden = model(pixel_values=torch.empty(2, 3, IMAGE_SIZE, IMAGE_SIZE)).last_hidden_state
+    assert hidden.device.type == "meta" and hidden.shape == (2, 1 + num_kept_patches(NUM_PATCHES, 0.5), 32)
+
+
+def test_no_split_modules_name_glip_classes():
+    assert "GLIPVisionEmbeddings" in GLIPModel._no_split_modules
+    assert "CLIPVisionEmbeddings" not in GLIPModel._no_split_modules
