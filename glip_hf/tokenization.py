@@ -7,10 +7,10 @@ tests use when no pretrained tokenizer can be downloaded.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -58,3 +58,25 @@ def text_config_overrides(tokenizer) -> dict[str, int]:
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+def load_or_train_tokenizer(
+    name_or_path: str | None,
+    texts: Callable[[], Iterable[str]],
+    vocab_size: int = 1024,
+    max_length: int = 77,
+    must_load: bool = False,
+):
+    """``AutoTokenizer.from_pretrained(name_or_path)``; if there is no name, or (unless ``must_load``) the name has
+    no tokenizer files, a BPE trained offline on ``texts()``."""
+    if name_or_path is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            tokenizer.model_max_length = min(tokenizer.model_max_length, max_length)
+            return tokenizer
+        except (OSError, ValueError) as error:
+            if must_load:
+                raise FileNotFoundError(
+                    f"tokenizer {name_or_path!r} could not be loaded ({error}); check --tokenizer_name."
+                ) from None
+    return train_clip_tokenizer(texts(), vocab_size=vocab_size, model_max_length=max_length)

@@ -1,0 +1,470 @@
+"""The GLIP pre-training loop on Accelerate (used by ``run_pretraining.py``).
+
+Reads top to bottom: Accelerator, seed, data (under ``main_process_first``), tokenizer and model, optimizer and
+schedule, ``prepare``, resume, the loop (masked stage, then optional unmasked tuning), final save and evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .arguments import DataArguments, ModelArguments, TrainingArguments, to_flat_dict
+from .checkpointing import TrainingProgress, resolve_checkpoint, save_checkpoint
+from .configuration_glip import MASKING_FIELDS, GLIPConfig
+from .data import (
+    SKIP_REASONS,
+    ImageTextCollator,
+    IndexedDataset,
+    caption_sample,
+    check_columns,
+    load_image_text_dataset,
+    make_image_processor,
+    prepare_for_decoding,
+)
+from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
+from .masking import num_kept_patches
+from .modeling_glip import GLIPModel, masked_inference
+from .optimization import build_optimizer, build_scheduler
+from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
+from .tokenization import load_or_train_tokenizer, text_config_overrides
+from .tracking import MetricsLog, plot_loss_curve, resolve_report_to
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    skipped: dict[str, int]
+    eval_metrics: dict[str, Any] | None
+
+
+def load_training_data(data_args: DataArguments, model_args: ModelArguments):
+    """``(train, held_out or None)`` datasets; the built-in generated dataset when no dataset is named."""
+    if data_args.dataset_name is None:
+        synthetic = build_synthetic_dataset(
+            Path(data_args.cache_dir) / "synthetic",
+            num_train=data_args.synthetic_num_train,
+            num_test=data_args.synthetic_num_test,
+            image_size=model_args.image_size,
+            seed=data_args.synthetic_seed,
+            placement=data_args.synthetic_placement,
+        )
+        train = synthetic["train"].to_iterable_dataset() if data_args.streaming else synthetic["train"]
+        return train, synthetic["test"]
+    train = load_image_text_dataset(data_args, data_args.train_split)
+    held_out = None
+    if data_args.eval_split:
+        held_out = load_image_text_dataset(
+            DataArguments(**{**vars(data_args), "streaming": False}), data_args.eval_split
+        )
+    return train, held_out
+
+
+def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
+    """A fresh GLIP of the requested size, or ``init_from`` (any CLIP or GLIP checkpoint) with masking overrides."""
+    masking = {name: getattr(model_args, name) for name in MASKING_FIELDS if getattr(model_args, name) is not None}
+    if model_args.init_from:
+        model = GLIPModel.from_pretrained(
+            model_args.init_from, attn_implementation=model_args.attn_implementation, **masking
+        )
+        if len(tokenizer) > model.config.text_config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {len(tokenizer)} tokens but {model_args.init_from} embeds only "
+                f"{model.config.text_config.vocab_size}; pass the checkpoint's own tokenizer (--tokenizer_name)."
+            )
+        return model
+    config = GLIPConfig(
+        text_config=dict(
+            hidden_size=model_args.text_hidden_size,
+            num_hidden_layers=model_args.text_layers,
+            num_attention_heads=model_args.text_heads,
+            intermediate_size=model_args.text_intermediate_size,
+            max_position_embeddings=model_args.max_text_length,
+            **text_config_overrides(tokenizer),
+        ),
+        vision_config=dict(
+            hidden_size=model_args.vision_hidden_size,
+            num_hidden_layers=model_args.vision_layers,
+            num_attention_heads=model_args.vision_heads,
+            intermediate_size=model_args.vision_intermediate_size,
+            image_size=model_args.image_size,
+            patch_size=model_args.patch_size,
+        ),
+        projection_dim=model_args.projection_dim,
+        **masking,
+    )
+    config._attn_implementation = model_args.attn_implementation
+    return GLIPModel(config)
+
+
+def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint: Path | None):
+    """The run's tokenizer, resolved once by the main process and saved into the run directory; the other
+    processes load that copy, and a resumed run the checkpoint's (an offline-trained BPE is not bit-reproducible)."""
+    from transformers import AutoTokenizer
+
+    output_dir = Path(training_args.output_dir)
+    if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(checkpoint)
+    with accelerator.main_process_first():
+        if not accelerator.is_main_process:
+            return AutoTokenizer.from_pretrained(output_dir)
+        tokenizer = load_or_train_tokenizer(
+            model_args.tokenizer_name or model_args.init_from,
+            lambda: caption_sample(train_data, data_args.caption_column),
+            model_args.tokenizer_vocab_size,
+            model_args.max_text_length,
+            must_load=model_args.tokenizer_name is not None,
+        )
+        tokenizer.save_pretrained(output_dir)
+        return tokenizer
+
+
+def _batches(dataloader, collator, progress: TrainingProgress, accelerator, streaming: bool) -> Iterator[dict]:
+    """Micro-batches forever, epoch after epoch, starting at ``progress`` (mid-epoch on resume)."""
+    epoch, start = progress.epoch, progress.batch_in_epoch
+    while True:
+        collator.epoch = epoch
+        if streaming:
+            dataloader.dataset.set_epoch(epoch)
+            loader = itertools.islice(dataloader, start, None)
+        else:
+            dataloader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(dataloader, start) if start else dataloader
+        for index, batch in enumerate(loader, start=start):
+            progress.epoch, progress.batch_in_epoch = epoch, index + 1
+            yield batch
+        epoch, start = epoch + 1, 0
+        progress.epoch, progress.batch_in_epoch = epoch, 0
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _encode(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(
+        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
+    )
+    return out.image_embeds.float(), out.text_embeds.float()  # (B, D) each, L2-normalised
+
+
+def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerator: Accelerator) -> torch.Tensor:
+    """Forward and backward of one optimizer step over ``micro_batches``; returns the (detached) loss.
+
+    With several micro-batches the loss is that of their union (open_clip's ``accum_freq`` feature caching): a
+    no-grad pass caches every micro-batch's features, then each micro-batch is re-encoded with gradients and the
+    full-batch loss back-propagated through it alone. The RNG state of each first pass is replayed so that both
+    passes draw the same patch masks: the gradient equals that of one big batch.
+    """
+    if len(micro_batches) == 1:
+        images, texts = _encode(model, micro_batches[0])
+        loss = loss_fn(images, texts, logit_scale)
+        accelerator.backward(loss)
+        return loss.detach()
+    states, cached = [], []
+    with torch.no_grad():
+        for batch in micro_batches:
+            states.append(_rng_state(accelerator.device))
+            cached.append(_encode(model, batch))
+    last = len(micro_batches) - 1
+    for j, batch in enumerate(micro_batches):
+        _set_rng_state(states[j], accelerator.device)
+        with accelerator.no_sync(model) if j < last else contextlib.nullcontext():
+            images, texts = _encode(model, batch)
+            all_images = torch.cat([c[0] for c in cached[:j]] + [images] + [c[0] for c in cached[j + 1 :]])
+            all_texts = torch.cat([c[1] for c in cached[:j]] + [texts] + [c[1] for c in cached[j + 1 :]])
+            # Loss parameters (temperature, SigLIP bias) get their gradient once, on the synchronised pass.
+            loss = loss_fn(all_images, all_texts, logit_scale if j == last else logit_scale.detach(), j != last)
+            accelerator.backward(loss)
+    return loss.detach()
+
+
+def _print_config(accelerator: Accelerator, values: dict[str, Any], output_dir: Path) -> None:
+    if accelerator.is_main_process:
+        text = yaml.safe_dump(values, sort_keys=False)
+        print(f"Resolved run config:\n{text}", flush=True)
+        (output_dir / "run_config.yaml").write_text(text)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
+    """Run pre-training as configured; returns where the model went and what it measured."""
+    output_dir = Path(training_args.output_dir)
+    trackers = resolve_report_to(training_args.report_to)
+    accelerator = Accelerator(
+        cpu=training_args.cpu,
+        mixed_precision=training_args.mixed_precision,
+        log_with=trackers or None,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        step_scheduler_with_optimizer=False,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _print_config(accelerator, to_flat_dict(model_args, data_args, training_args), output_dir)
+    set_seed(training_args.seed)
+
+    with accelerator.main_process_first():
+        train_data, held_out = load_training_data(data_args, model_args)
+    source = data_args.dataset_name or "the built-in dataset"
+    check_columns(
+        train_data, {"image_column": data_args.image_column, "caption_column": data_args.caption_column}, source
+    )
+    checkpoint = None
+    if training_args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+        if checkpoint is None:
+            accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+    tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
+    model = build_model(model_args, tokenizer)
+    vision = model.config.vision_config
+    image_processor = make_image_processor(vision.image_size, model_args.init_from)
+    if training_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    loss_fn = ContrastiveLoss(training_args.loss)
+
+    collator = ImageTextCollator(
+        tokenizer,
+        vision.image_size,
+        list(image_processor.image_mean),
+        list(image_processor.image_std),
+        data_args.image_column,
+        data_args.caption_column,
+        max_length=min(model_args.max_text_length, model.config.text_config.max_position_embeddings),
+        crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
+        seed=training_args.seed,
+    )
+    train_data = prepare_for_decoding(train_data, data_args.image_column.split(","))
+    if data_args.max_train_samples is not None:
+        train_data = (
+            train_data.take(data_args.max_train_samples)
+            if data_args.streaming
+            else train_data.select(range(min(data_args.max_train_samples, len(train_data))))
+        )
+    if data_args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
+        dataloader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=training_args.per_device_train_batch_size,
+            collate_fn=collator,
+            num_workers=data_args.num_workers,
+            drop_last=True,
+        )
+    else:
+        dataloader = torch.utils.data.DataLoader(
+            IndexedDataset(train_data),
+            batch_size=training_args.per_device_train_batch_size,
+            shuffle=True,
+            collate_fn=collator,
+            num_workers=data_args.num_workers,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(training_args.seed),
+        )
+
+    optimizer = build_optimizer([model, loss_fn], training_args)
+    if training_args.torch_compile:
+        model = torch.compile(model)
+    # The loss module stays out of DDP (CLIP's has no parameters); SigLIP's bias gradient is averaged by hand.
+    loss_fn.to(accelerator.device)
+    accelerator.register_for_checkpointing(loss_fn)
+    if data_args.streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        main_steps = training_args.max_steps
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+        steps_per_epoch = len(dataloader) // training_args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"per_device_train_batch_size={training_args.per_device_train_batch_size} x gradient_accumulation_"
+                f"steps={training_args.gradient_accumulation_steps} x {accelerator.num_processes} process(es) "
+                f"exceeds the {len(train_data)} training rows; lower the batch size."
+            )
+        main_steps = training_args.max_steps
+        if main_steps <= 0:
+            main_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
+    total_steps = main_steps + training_args.unmasked_tuning_steps
+
+    progress = TrainingProgress()
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        progress = TrainingProgress.load(checkpoint)
+        accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
+    if trackers:
+        accelerator.init_trackers(
+            "glip",
+            config={
+                k: v
+                for k, v in to_flat_dict(model_args, data_args, training_args).items()
+                if isinstance(v, (int, float, str, bool))
+            },
+        )
+
+    unwrapped = accelerator.unwrap_model(model)
+    metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    skipped_local: Counter = Counter()
+    batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
+    window_loss, window_images, window_start = [], 0, time.perf_counter()
+    model.train()
+    while progress.step < total_steps:
+        unmasked = progress.step >= main_steps
+        micro_batches = []
+        for _ in range(training_args.gradient_accumulation_steps):
+            batch = next(batches)
+            skipped_local.update(batch.pop("skipped"))
+            micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+        stage = masked_inference(unwrapped, 0.0) if unmasked else contextlib.nullcontext()
+        with stage:
+            loss = train_step(model, loss_fn, unwrapped.logit_scale, micro_batches, accelerator)
+        for param in loss_fn.parameters():
+            if param.grad is not None:
+                param.grad = accelerator.reduce(param.grad, "mean")
+        if training_args.max_grad_norm:
+            accelerator.clip_grad_norm_(
+                list(model.parameters()) + list(loss_fn.parameters()), training_args.max_grad_norm
+            )
+        step_lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        progress.step += 1
+        bar.update(1)
+        window_loss.append(loss)
+        window_images += sum(b["pixel_values"].shape[0] for b in micro_batches) * accelerator.num_processes
+
+        if progress.step % training_args.logging_steps == 0 or progress.step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            patches = (vision.image_size // vision.patch_size) ** 2
+            record = {
+                "step": progress.step,
+                "epoch": progress.epoch,
+                "loss": accelerator.reduce(torch.stack(window_loss).mean(), "mean").item(),
+                "lr": step_lr,
+                "logit_scale": unwrapped.logit_scale.exp().item(),
+                "images_per_s": window_images / max(elapsed, 1e-9),
+                "kept_tokens": 1
+                + (patches if unmasked or vision.mask_ratio == 0 else num_kept_patches(patches, vision.mask_ratio)),
+                "stage": "unmasked_tuning" if unmasked else "masked",
+            }
+            metrics.write(record)
+            accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=progress.step)
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}",
+                lr=f"{record['lr']:.2e}",
+                scale=f"{record['logit_scale']:.1f}",
+                img_s=f"{record['images_per_s']:.0f}",
+                tokens=record["kept_tokens"],
+            )
+            window_loss, window_images, window_start = [], 0, time.perf_counter()
+
+        if progress.step % training_args.save_steps == 0 or progress.step == total_steps:
+            progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
+            skipped_local = Counter()
+            save_checkpoint(accelerator, output_dir, progress, training_args.save_total_limit, tokenizer)
+    bar.close()
+    return _finish(
+        accelerator,
+        unwrapped,
+        tokenizer,
+        image_processor,
+        held_out,
+        data_args,
+        training_args,
+        progress,
+        main_steps,
+        metrics,
+    )
+
+
+def _total_skipped(accelerator: Accelerator, so_far: dict[str, int], local: Counter) -> dict[str, int]:
+    counts = torch.tensor([local.get(reason, 0) for reason in SKIP_REASONS], device=accelerator.device)
+    counts = accelerator.reduce(counts, "sum").tolist()
+    return {reason: so_far.get(reason, 0) + int(n) for reason, n in zip(SKIP_REASONS, counts)}
+
+
+def _finish(
+    accelerator, model, tokenizer, image_processor, held_out, data_args, training_args, progress, main_steps, metrics
+) -> TrainResult:
+    """Save the model directory, evaluate on the held-out split, write the summary and the loss curve."""
+    output_dir = Path(training_args.output_dir)
+    accelerator.wait_for_everyone()
+    eval_metrics = None
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        image_processor.save_pretrained(output_dir)
+        plot_loss_curve(
+            metrics.read(), output_dir / "loss_curve.png", main_steps if training_args.unmasked_tuning_steps else None
+        )
+        if training_args.eval_at_end and held_out is not None:
+            eval_metrics = _evaluate_held_out(
+                model, tokenizer, image_processor, held_out, data_args, training_args, accelerator.device
+            )
+        summary = {
+            "steps": progress.step,
+            "skipped": progress.skipped,
+            "num_skipped": sum(progress.skipped.values()),
+            "held_out_zero_shot": eval_metrics,
+        }
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}")
+    accelerator.end_training()
+    return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)
+
+
+def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, training_args, device):
+    """Zero-shot top-1 on the held-out split when it has a ClassLabel column; prints it against chance."""
+    from .evaluation import evaluate_zero_shot
+
+    label = data_args.label_column
+    feature = (held_out.features or {}).get(label)
+    if not isinstance(feature, datasets.ClassLabel):
+        print(f"No zero-shot evaluation: the held-out split has no ClassLabel column {label!r}.")
+        return None
+    model.eval()
+    result = evaluate_zero_shot(
+        model,
+        tokenizer,
+        image_processor,
+        held_out,
+        feature.names,
+        PROMPT_TEMPLATES,
+        image_column=data_args.image_column.split(",")[0],
+        label_column=label,
+        batch_size=training_args.eval_batch_size,
+        device=device,
+    )
+    chance = 1.0 / len(feature.names)
+    top1 = result["metrics"]["top1"]
+    print(
+        f"Held-out zero-shot top-1: {top1:.3f} on {result['num_samples']} images "
+        f"({len(feature.names)} classes, chance {chance:.3f}, {top1 / chance:.1f}x chance)"
+    )
+    return {**result["metrics"], "chance": chance, "num_samples": result["num_samples"]}

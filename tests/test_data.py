@@ -1,0 +1,101 @@
+"""Data sources (imagefolder, parquet, webdataset, saved, streaming), column errors and skip-and-count."""
+
+import datasets
+import pytest
+import torch
+from conftest import TEXT_LEN
+from datasets.distributed import split_dataset_by_node
+from datasets_util import make_broken_dataset, make_imagefolder, make_parquet, make_webdataset
+
+from glip_hf.arguments import DataArguments
+from glip_hf.data import (
+    ImageTextCollator,
+    IndexedDataset,
+    check_columns,
+    load_image_text_dataset,
+    prepare_for_decoding,
+    random_resized_crop,
+)
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+def collate(dataset, tokenizer, image_column="image", caption_column="caption", **kwargs):
+    dataset = prepare_for_decoding(dataset, image_column.split(","))
+    collator = ImageTextCollator(tokenizer, 12, MEAN, STD, image_column, caption_column, max_length=TEXT_LEN, **kwargs)
+    return collator([{"__index__": i, **row} for i, row in enumerate(dataset)])
+
+
+def data_args(tmp_path, **kwargs) -> DataArguments:
+    return DataArguments(cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_imagefolder_with_metadata_captions(tmp_path, tokenizer):
+    root = make_imagefolder(tmp_path / "folder")
+    dataset = load_image_text_dataset(data_args(tmp_path, dataset_name="imagefolder", data_dir=str(root)), "train")
+    check_columns(dataset, {"image_column": "image", "caption_column": "text"}, "imagefolder")
+    batch = collate(dataset, tokenizer, caption_column="text")
+    assert batch["pixel_values"].shape == (6, 3, 12, 12) and batch["input_ids"].shape == (6, TEXT_LEN)
+    assert sum(batch["skipped"].values()) == 0
+
+
+def test_parquet_files(tmp_path, tokenizer):
+    path = make_parquet(tmp_path / "pairs.parquet")
+    dataset = load_image_text_dataset(data_args(tmp_path, dataset_name="parquet", data_files=str(path)), "train")
+    assert len(dataset) == 8
+    assert collate(dataset, tokenizer)["pixel_values"].shape[0] == 8
+
+
+def test_webdataset_shards(tmp_path, tokenizer):
+    root = make_webdataset(tmp_path / "shards")
+    args = data_args(tmp_path, dataset_name="webdataset", data_files=str(root / "*.tar"))
+    dataset = load_image_text_dataset(args, "train")
+    assert {"jpg", "txt"} <= set(dataset.column_names)
+    batch = collate(dataset, tokenizer, image_column="png,jpg", caption_column="txt")
+    assert batch["pixel_values"].shape[0] == 8
+
+
+def test_streaming_split_by_node_reads_disjoint_rows(tmp_path):
+    path = make_parquet(tmp_path / "pairs.parquet", n=10)
+    args = data_args(tmp_path, dataset_name="parquet", data_files=str(path), streaming=True)
+    stream = load_image_text_dataset(args, "train")
+    assert isinstance(stream, datasets.IterableDataset)
+    seen = [[row["caption"] for row in split_dataset_by_node(stream, rank, 2)] for rank in (0, 1)]
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 10
+
+
+def test_saved_dataset_and_wrong_column_error_lists_columns(tmp_path):
+    path, _ = make_broken_dataset(tmp_path / "saved")
+    dataset = load_image_text_dataset(data_args(tmp_path, dataset_name=str(path)), "train")
+    with pytest.raises(ValueError, match=r"--caption_column 'text' is not a column of .*\['image', 'caption'\]"):
+        check_columns(dataset, {"image_column": "image", "caption_column": "text"}, str(path))
+    with pytest.raises(FileNotFoundError, match="data_files"):
+        load_image_text_dataset(data_args(tmp_path, dataset_name="parquet", data_files="nope.parquet"), "train")
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
+    path, expected = make_broken_dataset(tmp_path / "broken")
+    batch = collate(datasets.load_from_disk(str(path)), tokenizer)
+    assert dict(batch["skipped"]) == expected
+    assert batch["pixel_values"].shape[0] == batch["input_ids"].shape[0] == 20
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path, tokenizer):
+    path = make_parquet(tmp_path / "pairs.parquet", n=4)
+    dataset = IndexedDataset(prepare_for_decoding(datasets.Dataset.from_parquet(str(path)), ["image"]))
+    collator = ImageTextCollator(tokenizer, 12, MEAN, STD, max_length=TEXT_LEN, seed=3)
+    first = collator([dataset[2], dataset[0]])["pixel_values"]
+    again = collator([dataset[0], dataset[2]])["pixel_values"]
+    torch.testing.assert_close(first[0], again[1])  # same sample, other batch position: same crop
+    collator.epoch = 1
+    assert not torch.equal(collator([dataset[2]])["pixel_values"][0], first[0])  # new epoch: new crop
+
+
+def test_random_resized_crop_covers_the_requested_area():
+    import random
+
+    from datasets_util import blank_image
+
+    image = blank_image().resize((100, 50))
+    out = random_resized_crop(image, 24, (0.5, 1.0), random.Random(0))
+    assert out.size == (24, 24)

@@ -1,0 +1,88 @@
+"""Contrastive losses: CLIP's formula on one process, SigLIP by hand, and two gloo ranks against one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from dist_loss_check import fixed_batch
+
+from glip_hf import GLIPModel
+from glip_hf.losses import ContrastiveLoss, clip_loss, siglip_loss
+
+
+def test_clip_loss_matches_transformers_loss(model, inputs):
+    model.eval()
+    out = model(**inputs, return_loss=True)
+    ours = clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+    torch.testing.assert_close(ours, out.loss)
+
+
+def test_siglip_loss_by_hand():
+    images = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8]]), dim=-1)
+    texts = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    scale, bias = torch.tensor(0.0), torch.tensor(-1.0)  # exp(0) = 1
+    sims = images @ texts.t()
+    expected = 0.0
+    for i in range(2):
+        for j in range(2):
+            z = 1.0 if i == j else -1.0
+            expected -= F.logsigmoid(z * (sims[i, j] + bias)).item()
+    assert siglip_loss(images, texts, scale, bias).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_empty_batch_gives_zero_loss_with_a_graph():
+    empty = torch.zeros(0, 4, requires_grad=True)
+    loss = clip_loss(empty, empty, torch.tensor(2.0))
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_loss_module_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="loss"):
+        ContrastiveLoss("triplet")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(tmp_path, kind):
+    out = tmp_path / "dist.pt"
+    script = Path(__file__).parent / "dist_loss_check.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+        str(script),
+        str(out),
+        kind,
+    ]
+    subprocess.run(command, check=True, env=env, timeout=300)
+    distributed = torch.load(out)
+    assert distributed["world"] == 2
+
+    torch.manual_seed(0)
+    model = GLIPModel(tiny_config(mask_ratio=0.0))
+    pixel_values, input_ids = fixed_batch()
+    single = model(pixel_values=pixel_values, input_ids=input_ids)
+    loss = ContrastiveLoss(kind)(single.image_embeds, single.text_embeds, model.logit_scale)
+    loss.backward()
+    # float32 all-gather and reduction order differ from one process: 1e-5 relative is well above that noise.
+    torch.testing.assert_close(distributed["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == distributed["grads"].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
