@@ -112,6 +112,43 @@ class TrainingArguments:
 RUN_SECTIONS = (ModelArguments, DataArguments, TrainingArguments)
 
 
+@dataclass
+class EvalArguments:
+    """What ``run_eval.py`` measures; also the keys of a ``--suite`` YAML entry."""
+
+    model: str | None = field(default=None, metadata={"help": "model dir or Hub id; default outputs/default"})
+    task: str = field(
+        default="zeroshot_classification", metadata={"help": "zeroshot_classification, retrieval or linear_probe"}
+    )
+    dataset: str | None = field(
+        default=None, metadata={"help": "HF name, saved dataset or builder; default: the built-in held-out set"}
+    )
+    dataset_config_name: str | None = None
+    data_dir: str | None = None
+    data_files: str | None = None
+    split: str = field(default="test", metadata={"help": "split evaluated"})
+    train_split: str = field(default="train", metadata={"help": "linear probe: split the classifier is fit on"})
+    val_split: str | None = field(
+        default=None,
+        metadata={"help": "linear probe: split choosing the regularisation; default: 20%% of train_split"},
+    )
+    image_column: str = "image"
+    caption_column: str = field(default="captions", metadata={"help": "retrieval: caption or list of captions"})
+    label_column: str = "label"
+    class_names: str | None = field(default=None, metadata={"help": "file of class names (.txt lines or .json)"})
+    templates: str | None = field(default=None, metadata={"help": "file of prompt templates with {}"})
+    mask_ratio: float = field(default=0.0, metadata={"help": "> 0: masked inference at this ratio"})
+    mask_strategy: str | None = field(default=None, metadata={"help": "default: the model's"})
+    mask_sigma: float | None = field(default=None, metadata={"help": "default: the model's"})
+    batch_size: int = 256
+    max_samples: int | None = None
+    linear_probe_val_fraction: float = 0.2
+    seed: int = 0
+    cache_dir: str = ".cache/glip-hf"
+    output: str | None = field(default=None, metadata={"help": "JSON result file (suite: base of .md/.csv)"})
+    suite: str | None = field(default=None, metadata={"help": "YAML list of (task, dataset, ...) entries"})
+
+
 def _flatten_yaml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in raw.items():

@@ -415,7 +415,6 @@ def _finish(
     """Save the model directory, evaluate on the held-out split, write the summary and the loss curve."""
     output_dir = Path(training_args.output_dir)
     accelerator.wait_for_everyone()
-    eval_metrics = None
     if accelerator.is_main_process:
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
@@ -423,10 +422,12 @@ def _finish(
         plot_loss_curve(
             metrics.read(), output_dir / "loss_curve.png", main_steps if training_args.unmasked_tuning_steps else None
         )
-        if training_args.eval_at_end and held_out is not None:
-            eval_metrics = _evaluate_held_out(
-                model, tokenizer, image_processor, held_out, data_args, training_args, accelerator.device
-            )
+    eval_metrics = None
+    if training_args.eval_at_end and held_out is not None:
+        eval_metrics = _evaluate_held_out(
+            model, tokenizer, image_processor, held_out, data_args, training_args, accelerator
+        )
+    if accelerator.is_main_process:
         summary = {
             "steps": progress.step,
             "skipped": progress.skipped,
@@ -439,31 +440,33 @@ def _finish(
     return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)
 
 
-def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, training_args, device):
+def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, training_args, accelerator):
     """Zero-shot top-1 on the held-out split when it has a ClassLabel column; prints it against chance."""
-    from .evaluation import evaluate_zero_shot
+    from .evaluation import zero_shot_on_dataset
 
     label = data_args.label_column
     feature = (held_out.features or {}).get(label)
     if not isinstance(feature, datasets.ClassLabel):
-        print(f"No zero-shot evaluation: the held-out split has no ClassLabel column {label!r}.")
+        accelerator.print(f"No zero-shot evaluation: the held-out split has no ClassLabel column {label!r}.")
         return None
+    image_column = data_args.image_column.split(",")[0]
+    held_out = prepare_for_decoding(held_out, [image_column])
     model.eval()
-    result = evaluate_zero_shot(
+    result = zero_shot_on_dataset(
         model,
         tokenizer,
         image_processor,
         held_out,
         feature.names,
         PROMPT_TEMPLATES,
-        image_column=data_args.image_column.split(",")[0],
-        label_column=label,
-        batch_size=training_args.eval_batch_size,
-        device=device,
+        image_column,
+        label,
+        training_args.eval_batch_size,
+        accelerator,
     )
     chance = 1.0 / len(feature.names)
     top1 = result["metrics"]["top1"]
-    print(
+    accelerator.print(
         f"Held-out zero-shot top-1: {top1:.3f} on {result['num_samples']} images "
         f"({len(feature.names)} classes, chance {chance:.3f}, {top1 / chance:.1f}x chance)"
     )

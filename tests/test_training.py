@@ -326,10 +326,32 @@ def test_two_gloo_processes_train_checkpoint_and_save(tmp_path):
     import sys
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29534", str(ROOT / "run_pretraining.py"), *TINY, "--max_steps", "4", "--save_steps", "2",
-               "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29534",
+        str(ROOT / "run_pretraining.py"),
+        *TINY,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
