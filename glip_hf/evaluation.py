@@ -383,11 +383,11 @@ def write_table(results: list[dict[str, Any]], base: str | Path) -> tuple[Path, 
     with (base.with_suffix(".csv")).open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
 
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) and not isinstance(value, bool) else str(value)
+    def cell(column: str, value: Any) -> str:
+        return f"{value:.4f}" if column in metric_keys and isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(header, row)) + " |" for row in rows]
     (base.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     return base.with_suffix(".md"), base.with_suffix(".csv")
 

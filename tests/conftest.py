@@ -41,6 +41,17 @@ def tiny_config(tokenizer=None, **overrides) -> GLIPConfig:
     return GLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
 
 
+def launch_two_processes(script, *args: str, port: int, cwd=None) -> None:
+    """Run ``script`` under ``accelerate launch --multi_gpu --num_processes 2``: two gloo ranks on the CPU."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), str(script), *map(str, args)]  # fmt: skip
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=cwd)
+
+
 def caption_corpus() -> list[str]:
     return [
         t.format(colour=c, shape=s, size=z) for t in CAPTION_TEMPLATES for c in COLOURS for s in SHAPES for z in SIZES

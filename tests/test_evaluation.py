@@ -10,7 +10,7 @@ import datasets
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, launch_two_processes
 from datasets_util import png_bytes
 
 import glip_hf
@@ -191,34 +191,9 @@ def test_suite_writes_markdown_and_csv(saved_model_dir, eval_dataset, tmp_path):
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
     common = ["--model", str(saved_model_dir), "--dataset", eval_dataset, "--batch_size", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, str(ROOT / "run_eval.py"), *common, "--output", str(tmp_path / "one.json")],
-        check=True,
-        env=env,
-        timeout=300,
-    )
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29535",
-    ]
-    subprocess.run(
-        [*launch, str(ROOT / "run_eval.py"), *common, "--output", str(tmp_path / "two.json")],
-        check=True,
-        env=env,
-        timeout=300,
-    )
+    subprocess.run([sys.executable, str(ROOT / "run_eval.py"), *common, "--output", str(tmp_path / "one.json")],
+                   check=True, env=env, timeout=300)  # fmt: skip
+    launch_two_processes(ROOT / "run_eval.py", *common, "--output", tmp_path / "two.json", port=29535)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["num_samples"] == two["num_samples"] == 24
     assert one["metrics"] == pytest.approx(two["metrics"], abs=1e-6)

@@ -1,14 +1,11 @@
 """Contrastive losses: CLIP's formula on one process, SigLIP by hand, and two gloo ranks against one process."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import launch_two_processes, tiny_config
 from dist_loss_check import fixed_batch
 
 from glip_hf import GLIPModel
@@ -49,28 +46,7 @@ def test_loss_module_rejects_unknown_kind():
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(tmp_path, kind):
     out = tmp_path / "dist.pt"
-    script = Path(__file__).parent / "dist_loss_check.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29533",
-        str(script),
-        str(out),
-        kind,
-    ]
-    subprocess.run(command, check=True, env=env, timeout=300)
+    launch_two_processes(Path(__file__).parent / "dist_loss_check.py", out, kind, port=29533)
     distributed = torch.load(out)
     assert distributed["world"] == 2
 

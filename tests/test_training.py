@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import tiny_config
+from conftest import launch_two_processes, tiny_config
 from datasets_util import make_broken_dataset
 from safetensors.torch import load_file
 
@@ -321,38 +321,9 @@ def test_recipes_parse_and_start_on_a_tiny_sample(tmp_path, name, tokenizer):
 
 
 def test_two_gloo_processes_train_checkpoint_and_save(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "29534",
-        str(ROOT / "run_pretraining.py"),
-        *TINY,
-        "--max_steps",
-        "4",
-        "--save_steps",
-        "2",
-        "--output_dir",
-        str(out),
-        "--cache_dir",
-        str(tmp_path / "cache"),
-    ]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=tmp_path)
+    flags = [*TINY, "--max_steps", "4", "--save_steps", "2", "--output_dir", out, "--cache_dir", tmp_path / "cache"]
+    launch_two_processes(ROOT / "run_pretraining.py", *flags, port=29534, cwd=tmp_path)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
     GLIPModel.from_pretrained(out)

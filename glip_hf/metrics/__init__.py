@@ -58,6 +58,19 @@ def retrieval_metrics(
     return metrics
 
 
+def metric_info(description: str, inputs_description: str):
+    """``evaluate.MetricInfo`` shared by the shipped modules: per-example score lists and integer references."""
+    import datasets
+    import evaluate
+
+    features = datasets.Features(
+        {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
+    )
+    return evaluate.MetricInfo(
+        description=description, citation="", inputs_description=inputs_description, features=features
+    )
+
+
 def metric_path(name: str) -> Path:
     if name not in METRIC_NAMES:
         raise ValueError(f"unknown metric {name!r}; choose one of {METRIC_NAMES}.")

@@ -1,10 +1,9 @@
 """Image-text retrieval recall@K, as in CLIP_benchmark."""
 
-import datasets
 import evaluate
 import torch
 
-from glip_hf.metrics import retrieval_metrics
+from glip_hf.metrics import metric_info, retrieval_metrics
 
 _DESCRIPTION = """
 Recall@K for text-to-image retrieval (a text finds its image among the K best) and image-to-text retrieval (an
@@ -23,14 +22,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class RetrievalRecall(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS)
 
     def _compute(self, predictions, references, ks=(1, 5, 10)):
         scores = torch.tensor(predictions, dtype=torch.float32)

@@ -1,10 +1,9 @@
 """Zero-shot classification accuracy (top-1, top-5, mean per-class recall), as in CLIP_benchmark."""
 
-import datasets
 import evaluate
 import torch
 
-from glip_hf.metrics import classification_metrics
+from glip_hf.metrics import classification_metrics, metric_info
 
 _DESCRIPTION = """
 Top-1 and top-5 accuracy and mean per-class recall of class scores, the zero-shot classification metrics of
@@ -23,14 +22,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class ZeroShotAccuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="",
-            inputs_description=_KWARGS,
-            features=datasets.Features(
-                {"predictions": datasets.Sequence(datasets.Value("float32")), "references": datasets.Value("int64")}
-            ),
-        )
+        return metric_info(_DESCRIPTION, _KWARGS)
 
     def _compute(self, predictions, references, num_classes=None):
         logits = torch.tensor(predictions, dtype=torch.float32)
