@@ -154,7 +154,7 @@ class ImageTextCollator:
         caption_column: str = "caption",
         max_length: int = 77,
         crop_scale: tuple[float, float] = (0.5, 1.0),
-        seed: int = 0,
+        seed: int | str = 0,
     ):
         self.tokenizer, self.image_size, self.max_length = tokenizer, image_size, max_length
         self.image_mean, self.image_std = image_mean, image_std

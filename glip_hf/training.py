@@ -113,6 +113,10 @@ def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
     return GLIPModel(config)
 
 
+def _with_index(row: dict, index: int) -> dict:
+    return {"__index__": index}
+
+
 def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint: Path | None):
     """The run's tokenizer, resolved once by the main process and saved into the run directory; the other
     processes load that copy, and a resumed run the checkpoint's (an offline-trained BPE is not bit-reproducible)."""
@@ -267,6 +271,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
         stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
         stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
+        # Streamed rows are indexed per process, so the rank joins the seed of their augmentation.
+        stream = stream.map(_with_index, with_indices=True)
+        collator.seed = f"{training_args.seed}-rank{accelerator.process_index}"
         dataloader = torch.utils.data.DataLoader(
             stream,
             batch_size=training_args.per_device_train_batch_size,

@@ -99,3 +99,18 @@ def test_random_resized_crop_covers_the_requested_area():
     image = blank_image().resize((100, 50))
     out = random_resized_crop(image, 24, (0.5, 1.0), random.Random(0))
     assert out.size == (24, 24)
+
+
+def test_streamed_rows_get_distinct_augmentation(tmp_path, tokenizer):
+    path = make_parquet(tmp_path / "pairs.parquet", n=8)
+    stream = load_image_text_dataset(
+        data_args(tmp_path, dataset_name="parquet", data_files=str(path), streaming=True), "train"
+    )
+    from glip_hf.training import _with_index
+
+    rows = list(prepare_for_decoding(stream, ["image"]).map(_with_index, with_indices=True))
+    assert [row["__index__"] for row in rows] == list(range(8))
+    collator = ImageTextCollator(tokenizer, 12, MEAN, STD, max_length=TEXT_LEN, seed="0-rank0")
+    same_image = [{**rows[0], "__index__": i} for i in range(4)]  # one image at four stream positions
+    pixels = collator(same_image)["pixel_values"]
+    assert len({tuple(p.flatten()[:50].tolist()) for p in pixels}) == 4

@@ -191,8 +191,12 @@ def test_suite_writes_markdown_and_csv(saved_model_dir, eval_dataset, tmp_path):
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
     common = ["--model", str(saved_model_dir), "--dataset", eval_dataset, "--batch_size", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(ROOT / "run_eval.py"), *common, "--output", str(tmp_path / "one.json")],
-                   check=True, env=env, timeout=300)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(ROOT / "run_eval.py"), *common, "--output", str(tmp_path / "one.json")],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     launch_two_processes(ROOT / "run_eval.py", *common, "--output", tmp_path / "two.json", port=29535)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["num_samples"] == two["num_samples"] == 24
