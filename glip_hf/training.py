@@ -150,9 +150,13 @@ def _batches(dataloader, collator, progress: TrainingProgress, accelerator, stre
         else:
             dataloader.set_epoch(epoch)
             loader = accelerator.skip_first_batches(dataloader, start) if start else dataloader
+        produced = False
         for index, batch in enumerate(loader, start=start):
             progress.epoch, progress.batch_in_epoch = epoch, index + 1
+            produced = True
             yield batch
+        if not produced and start == 0:
+            raise ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
         epoch, start = epoch + 1, 0
         progress.epoch, progress.batch_in_epoch = epoch, 0
 
@@ -242,13 +246,69 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
     tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
     model = build_model(model_args, tokenizer)
-    vision = model.config.vision_config
-    image_processor = make_image_processor(vision.image_size, model_args.init_from)
+    image_processor = make_image_processor(model.config.vision_config.image_size, model_args.init_from)
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     loss_fn = ContrastiveLoss(training_args.loss)
 
-    collator = ImageTextCollator(
+    collator = _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args)
+    dataloader = _make_dataloader(train_data, collator, data_args, training_args, accelerator)
+
+    optimizer = build_optimizer([model, loss_fn], training_args)
+    if training_args.torch_compile:
+        model = torch.compile(model)
+    # The loss module stays out of DDP (CLIP's has no parameters); SigLIP's bias gradient is averaged by hand.
+    loss_fn.to(accelerator.device)
+    accelerator.register_for_checkpointing(loss_fn)
+    if data_args.streaming:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    main_steps = _main_steps(dataloader, training_args, accelerator, data_args.streaming)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
+
+    progress = TrainingProgress()
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        progress = TrainingProgress.load(checkpoint)
+        accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
+    if trackers:
+        values = to_flat_dict(model_args, data_args, training_args)
+        accelerator.init_trackers(
+            "glip", config={k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+        )
+    run = _Run(
+        accelerator,
+        model,
+        accelerator.unwrap_model(model),
+        loss_fn,
+        optimizer,
+        scheduler,
+        tokenizer,
+        training_args,
+        main_steps,
+        progress,
+    )
+    batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
+    metrics = _train_loop(run, batches)
+    return _finish(
+        accelerator,
+        run.unwrapped,
+        tokenizer,
+        image_processor,
+        held_out,
+        data_args,
+        training_args,
+        progress,
+        main_steps,
+        metrics,
+    )
+
+
+def _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args) -> ImageTextCollator:
+    """Rows -> batches at the model's image size, normalised as the saved image processor does."""
+    vision = model.config.vision_config
+    return ImageTextCollator(
         tokenizer,
         vision.image_size,
         list(image_processor.image_mean),
@@ -259,155 +319,151 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
         seed=training_args.seed,
     )
+
+
+def _make_dataloader(train_data, collator, data_args: DataArguments, training_args: TrainingArguments, accelerator):
+    """Map-style: shuffled, seeded, with row indices (sharded by ``accelerator.prepare``). Streaming: shuffled
+    through a buffer and split across processes with ``split_dataset_by_node``."""
     train_data = prepare_for_decoding(train_data, data_args.image_column.split(","))
-    if data_args.max_train_samples is not None:
+    limit = data_args.max_train_samples
+    if limit is not None:
         train_data = (
-            train_data.take(data_args.max_train_samples)
-            if data_args.streaming
-            else train_data.select(range(min(data_args.max_train_samples, len(train_data))))
+            train_data.take(limit) if data_args.streaming else train_data.select(range(min(limit, len(train_data))))
         )
-    if data_args.streaming:
-        from datasets.distributed import split_dataset_by_node
-
-        stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
-        stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
-        # Streamed rows are indexed per process, so the rank joins the seed of their augmentation.
-        stream = stream.map(_with_index, with_indices=True)
-        collator.seed = f"{training_args.seed}-rank{accelerator.process_index}"
-        dataloader = torch.utils.data.DataLoader(
-            stream,
-            batch_size=training_args.per_device_train_batch_size,
-            collate_fn=collator,
-            num_workers=data_args.num_workers,
-            drop_last=True,
-        )
-    else:
-        dataloader = torch.utils.data.DataLoader(
-            IndexedDataset(train_data),
-            batch_size=training_args.per_device_train_batch_size,
-            shuffle=True,
-            collate_fn=collator,
-            num_workers=data_args.num_workers,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(training_args.seed),
-        )
-
-    optimizer = build_optimizer([model, loss_fn], training_args)
-    if training_args.torch_compile:
-        model = torch.compile(model)
-    # The loss module stays out of DDP (CLIP's has no parameters); SigLIP's bias gradient is averaged by hand.
-    loss_fn.to(accelerator.device)
-    accelerator.register_for_checkpointing(loss_fn)
-    if data_args.streaming:
-        model, optimizer = accelerator.prepare(model, optimizer)
-        main_steps = training_args.max_steps
-    else:
-        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-        steps_per_epoch = len(dataloader) // training_args.gradient_accumulation_steps
-        if steps_per_epoch == 0:
+    loader_kwargs = dict(
+        batch_size=training_args.per_device_train_batch_size,
+        collate_fn=collator,
+        num_workers=data_args.num_workers,
+        drop_last=True,
+    )
+    if not data_args.streaming:
+        if len(train_data) < training_args.per_device_train_batch_size * accelerator.num_processes:
             raise ValueError(
-                f"per_device_train_batch_size={training_args.per_device_train_batch_size} x gradient_accumulation_"
-                f"steps={training_args.gradient_accumulation_steps} x {accelerator.num_processes} process(es) "
-                f"exceeds the {len(train_data)} training rows; lower the batch size."
+                f"per_device_train_batch_size={training_args.per_device_train_batch_size} x "
+                f"{accelerator.num_processes} process(es) exceeds the {len(train_data)} training rows; "
+                "lower the batch size."
             )
-        main_steps = training_args.max_steps
-        if main_steps <= 0:
-            main_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
-    total_steps = main_steps + training_args.unmasked_tuning_steps
-
-    progress = TrainingProgress()
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        progress = TrainingProgress.load(checkpoint)
-        accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
-    if trackers:
-        accelerator.init_trackers(
-            "glip",
-            config={
-                k: v
-                for k, v in to_flat_dict(model_args, data_args, training_args).items()
-                if isinstance(v, (int, float, str, bool))
-            },
+        generator = torch.Generator().manual_seed(training_args.seed)
+        return torch.utils.data.DataLoader(
+            IndexedDataset(train_data), shuffle=True, generator=generator, **loader_kwargs
         )
+    from datasets.distributed import split_dataset_by_node
 
-    unwrapped = accelerator.unwrap_model(model)
-    metrics = MetricsLog(output_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+    stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
+    # Streamed rows are indexed per process, so the rank joins the seed of their augmentation.
+    stream = stream.map(_with_index, with_indices=True)
+    collator.seed = f"{training_args.seed}-rank{accelerator.process_index}"
+    return torch.utils.data.DataLoader(stream, **loader_kwargs)
+
+
+def _main_steps(dataloader, training_args: TrainingArguments, accelerator: Accelerator, streaming: bool) -> int:
+    """Optimizer steps of the masked stage: ``max_steps``, or the epochs' worth of (prepared) batches."""
+    if training_args.max_steps > 0:
+        return training_args.max_steps
+    steps_per_epoch = len(dataloader) // training_args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"gradient_accumulation_steps={training_args.gradient_accumulation_steps} exceeds the {len(dataloader)}"
+            f" batches per epoch of each of the {accelerator.num_processes} process(es); lower it or the batch size."
+        )
+    return math.ceil(training_args.num_train_epochs * steps_per_epoch)
+
+
+@dataclass
+class _Run:
+    """What the loop needs of a prepared run."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared (DDP / compiled)
+    unwrapped: GLIPModel
+    loss_fn: ContrastiveLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tokenizer: Any
+    args: TrainingArguments
+    main_steps: int
+    progress: TrainingProgress
+
+    @property
+    def total_steps(self) -> int:
+        return self.main_steps + self.args.unmasked_tuning_steps
+
+
+def _optimizer_step(run: _Run) -> float:
+    """Average the loss module's gradients, clip, step, clamp the temperature; returns the lr used."""
+    accelerator, params = run.accelerator, list(run.loss_fn.parameters())
+    for param in params:
+        if param.grad is not None:
+            param.grad = accelerator.reduce(param.grad, "mean")
+    if run.args.max_grad_norm:
+        accelerator.clip_grad_norm_(list(run.model.parameters()) + params, run.args.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        run.unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return lr
+
+
+def _kept_tokens(vision, unmasked: bool) -> int:
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return 1 + (patches if unmasked or vision.mask_ratio == 0 else num_kept_patches(patches, vision.mask_ratio))
+
+
+def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
+    """Steps until ``total_steps``: masked stage, then unmasked tuning; logs and checkpoints on the way."""
+    accelerator, progress, args = run.accelerator, run.progress, run.args
+    metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", enabled=accelerator.is_main_process)
+    bar = tqdm(
+        total=run.total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train"
+    )
     skipped_local: Counter = Counter()
-    batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
-    bar = tqdm(total=total_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="train")
     window_loss, window_images, window_start = [], 0, time.perf_counter()
-    model.train()
-    while progress.step < total_steps:
-        unmasked = progress.step >= main_steps
+    run.model.train()
+    while progress.step < run.total_steps:
+        unmasked = progress.step >= run.main_steps
         micro_batches = []
-        for _ in range(training_args.gradient_accumulation_steps):
+        for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
             skipped_local.update(batch.pop("skipped"))
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
-        stage = masked_inference(unwrapped, 0.0) if unmasked else contextlib.nullcontext()
-        with stage:
-            loss = train_step(model, loss_fn, unwrapped.logit_scale, micro_batches, accelerator)
-        for param in loss_fn.parameters():
-            if param.grad is not None:
-                param.grad = accelerator.reduce(param.grad, "mean")
-        if training_args.max_grad_norm:
-            accelerator.clip_grad_norm_(
-                list(model.parameters()) + list(loss_fn.parameters()), training_args.max_grad_norm
+        with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
+            window_loss.append(
+                train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
             )
-        step_lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        lr = _optimizer_step(run)
         progress.step += 1
         bar.update(1)
-        window_loss.append(loss)
         window_images += sum(b["pixel_values"].shape[0] for b in micro_batches) * accelerator.num_processes
-
-        if progress.step % training_args.logging_steps == 0 or progress.step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            patches = (vision.image_size // vision.patch_size) ** 2
+        if progress.step % args.logging_steps == 0 or progress.step == run.total_steps:
             record = {
                 "step": progress.step,
                 "epoch": progress.epoch,
                 "loss": accelerator.reduce(torch.stack(window_loss).mean(), "mean").item(),
-                "lr": step_lr,
-                "logit_scale": unwrapped.logit_scale.exp().item(),
-                "images_per_s": window_images / max(elapsed, 1e-9),
-                "kept_tokens": 1
-                + (patches if unmasked or vision.mask_ratio == 0 else num_kept_patches(patches, vision.mask_ratio)),
+                "lr": lr,
+                "logit_scale": run.unwrapped.logit_scale.exp().item(),
+                "images_per_s": window_images / max(time.perf_counter() - window_start, 1e-9),
+                "kept_tokens": _kept_tokens(run.unwrapped.config.vision_config, unmasked),
                 "stage": "unmasked_tuning" if unmasked else "masked",
             }
             metrics.write(record)
             accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=progress.step)
             bar.set_postfix(
                 loss=f"{record['loss']:.3f}",
-                lr=f"{record['lr']:.2e}",
+                lr=f"{lr:.2e}",
                 scale=f"{record['logit_scale']:.1f}",
                 img_s=f"{record['images_per_s']:.0f}",
                 tokens=record["kept_tokens"],
             )
             window_loss, window_images, window_start = [], 0, time.perf_counter()
-
-        if progress.step % training_args.save_steps == 0 or progress.step == total_steps:
+        if progress.step % args.save_steps == 0 or progress.step == run.total_steps:
             progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
             skipped_local = Counter()
-            save_checkpoint(accelerator, output_dir, progress, training_args.save_total_limit, tokenizer)
+            save_checkpoint(accelerator, args.output_dir, progress, args.save_total_limit, run.tokenizer)
     bar.close()
-    return _finish(
-        accelerator,
-        unwrapped,
-        tokenizer,
-        image_processor,
-        held_out,
-        data_args,
-        training_args,
-        progress,
-        main_steps,
-        metrics,
-    )
+    return metrics
 
 
 def _total_skipped(accelerator: Accelerator, so_far: dict[str, int], local: Counter) -> dict[str, int]:

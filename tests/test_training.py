@@ -327,3 +327,12 @@ def test_two_gloo_processes_train_checkpoint_and_save(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 4
     GLIPModel.from_pretrained(out)
+
+
+def test_too_small_data_for_one_batch_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="per_device_train_batch_size=64"):
+        run(tmp_path, "--per_device_train_batch_size", "64", "--max_steps", "1")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="no full batch"):
+        run(tmp_path, "--per_device_train_batch_size", "64", "--max_steps", "1", "--streaming", "true",
+            "--output_dir", str(tmp_path / "stream"))  # fmt: skip
