@@ -330,11 +330,14 @@ def _make_dataloader(train_data, collator, data_args: DataArguments, training_ar
         train_data = (
             train_data.take(limit) if data_args.streaming else train_data.select(range(min(limit, len(train_data))))
         )
+    # A generator of the loader's own: creating an iterator then never draws from the global RNG (which also
+    # draws the patch masks), so a resumed run, whose iterator starts mid-epoch, keeps the same mask sequence.
     loader_kwargs = dict(
         batch_size=training_args.per_device_train_batch_size,
         collate_fn=collator,
         num_workers=data_args.num_workers,
         drop_last=True,
+        generator=torch.Generator().manual_seed(training_args.seed),
     )
     if not data_args.streaming:
         if len(train_data) < training_args.per_device_train_batch_size * accelerator.num_processes:

@@ -151,6 +151,29 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path):
     assert records[0]["step"] == 4 and records[-1]["stage"] == "unmasked_tuning"
 
 
+def test_streaming_resume_ends_with_the_same_weights(tmp_path):
+    flags = [
+        "--streaming",
+        "true",
+        "--max_steps",
+        "5",
+        "--save_steps",
+        "2",
+        "--save_total_limit",
+        "3",
+        "--eval_at_end",
+        "false",
+    ]
+    full = run(tmp_path, *flags, "--output_dir", str(tmp_path / "full"))
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.output_dir / "checkpoints" / "checkpoint-2", resumed_dir / "checkpoints" / "checkpoint-2")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(tmp_path, *flags, "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "latest")
+    expected, actual = load_file(full.output_dir / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_bad_samples_are_counted_in_the_run_summary(tmp_path):
     path, expected = make_broken_dataset(tmp_path / "broken", good=36)
     result = run(tmp_path, "--dataset_name", str(path), "--max_steps", "5", "--per_device_train_batch_size", "4")
@@ -334,5 +357,14 @@ def test_too_small_data_for_one_batch_is_a_clear_error(tmp_path):
         run(tmp_path, "--per_device_train_batch_size", "64", "--max_steps", "1")
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match="no full batch"):
-        run(tmp_path, "--per_device_train_batch_size", "64", "--max_steps", "1", "--streaming", "true",
-            "--output_dir", str(tmp_path / "stream"))  # fmt: skip
+        run(
+            tmp_path,
+            "--per_device_train_batch_size",
+            "64",
+            "--max_steps",
+            "1",
+            "--streaming",
+            "true",
+            "--output_dir",
+            str(tmp_path / "stream"),
+        )
