@@ -346,10 +346,7 @@ def _make_dataloader(train_data, collator, data_args: DataArguments, training_ar
                 f"{accelerator.num_processes} process(es) exceeds the {len(train_data)} training rows; "
                 "lower the batch size."
             )
-        generator = torch.Generator().manual_seed(training_args.seed)
-        return torch.utils.data.DataLoader(
-            IndexedDataset(train_data), shuffle=True, generator=generator, **loader_kwargs
-        )
+        return torch.utils.data.DataLoader(IndexedDataset(train_data), shuffle=True, **loader_kwargs)
     from datasets.distributed import split_dataset_by_node
 
     stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
