@@ -29,8 +29,7 @@ def export_to_clip(model, save_directory: str | Path, processor=None) -> Path:
         The directory written.
     """
     clip = CLIPModel(to_clip_config(model.config))
-    missing, unexpected = clip.load_state_dict(model.state_dict(), strict=True), None
-    del missing, unexpected
+    clip.load_state_dict(model.state_dict(), strict=True)  # raises if the architectures differ
     clip.to(dtype=next(model.parameters()).dtype)
     save_directory = Path(save_directory)
     clip.save_pretrained(save_directory)
