@@ -117,12 +117,12 @@ def random_resized_crop(
     return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
-def to_normalized_tensor(image: Image.Image, mean: list[float], std: list[float]) -> torch.Tensor:
-    """``(3, H, W)`` float tensor normalised by ``mean`` / ``std``."""
+def to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(3, H, W)`` float tensor normalised by ``mean`` / ``std`` (each ``(3, 1, 1)``)."""
     width, height = image.size
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
     pixels = pixels.permute(2, 0, 1).float().div_(255.0)
-    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return (pixels - mean) / std
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -157,7 +157,8 @@ class ImageTextCollator:
         seed: int | str = 0,
     ):
         self.tokenizer, self.image_size, self.max_length = tokenizer, image_size, max_length
-        self.image_mean, self.image_std = image_mean, image_std
+        self.image_mean = torch.tensor(image_mean).view(3, 1, 1)
+        self.image_std = torch.tensor(image_std).view(3, 1, 1)
         self.image_columns, self.caption_column = image_column.split(","), caption_column
         self.crop_scale, self.seed = crop_scale, seed
         self.epoch = 0  # set by the training loop before each epoch

@@ -25,7 +25,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .arguments import DataArguments, EvalArguments
-from .data import check_columns, decode_image, load_image_text_dataset, make_image_processor
+from .data import check_columns, decode_image, load_image_text_dataset, make_image_processor, prepare_for_decoding
 from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
@@ -102,9 +102,7 @@ def load_eval_split(args: EvalArguments, split: str, model) -> datasets.Dataset:
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     check_columns(dataset, {"image_column": args.image_column}, f"{args.dataset or BUILTIN}[{split}]")
-    if isinstance(dataset.features.get(args.image_column), datasets.Image):
-        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    return dataset
+    return prepare_for_decoding(dataset, [args.image_column])
 
 
 def read_list_file(path: str, what: str) -> list[str]:
@@ -180,11 +178,13 @@ def _sharded_encode(
 def encode_images(model, image_processor, dataset, image_column: str, batch_size: int, accelerator: Accelerator):
     """L2-normalised image features ``(N_kept, D)``, the kept row indices, and the number of undecodable rows."""
 
+    images_only = dataset.select_columns([image_column])  # rows without captions and labels
+
     def encode(rows: list[int]):
         images, ids = [], []
         for index in rows:
             try:
-                images.append(decode_image(dataset[index][image_column]))
+                images.append(decode_image(images_only[index][image_column]))
                 ids.append(index)
             except Exception:  # corrupt, empty or missing image: skip and count
                 continue

@@ -122,6 +122,20 @@ def test_smoke_run_writes_a_loadable_model_and_its_records(tmp_path):
     assert len(result) == 2
 
 
+def run_and_resume_from_copy(tmp_path: Path, flags: list[str], checkpoint: str):
+    """Run to the end; copy one of its checkpoints into a fresh run directory (as a stopped run would leave it),
+    resume from it, and assert both runs end with the same weights. Returns ``(full, resumed)`` results."""
+    full = run(tmp_path, *flags, "--output_dir", str(tmp_path / "full"))
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.output_dir / "checkpoints" / checkpoint, resumed_dir / "checkpoints" / checkpoint)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = run(tmp_path, *flags, "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "latest")
+    expected, actual = load_file(full.output_dir / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    return full, resumed
+
+
 def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path):
     # 40 rows / batch 8 = 5 batches per epoch: checkpoint-3 is mid-epoch, and the run crosses into unmasked tuning.
     flags = [
@@ -136,16 +150,9 @@ def test_resume_mid_epoch_ends_with_the_same_weights(tmp_path):
         "--eval_at_end",
         "false",
     ]
-    full = run(tmp_path, *flags, "--output_dir", str(tmp_path / "full"))
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(full.output_dir / "checkpoints" / "checkpoint-3", resumed_dir / "checkpoints" / "checkpoint-3")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    resumed = run(tmp_path, *flags, "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "latest")
+    full, resumed = run_and_resume_from_copy(tmp_path, flags, "checkpoint-3")
     assert resumed.steps == full.steps == 7
-    expected = load_file(full.output_dir / "model.safetensors")
-    actual = load_file(resumed_dir / "model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    resumed_dir = resumed.output_dir
     # The test can fail: a run that merely restarts from scratch at step 3 ends elsewhere.
     records = [json.loads(x) for x in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 4 and records[-1]["stage"] == "unmasked_tuning"
@@ -164,14 +171,7 @@ def test_streaming_resume_ends_with_the_same_weights(tmp_path):
         "--eval_at_end",
         "false",
     ]
-    full = run(tmp_path, *flags, "--output_dir", str(tmp_path / "full"))
-    resumed_dir = tmp_path / "resumed"
-    shutil.copytree(full.output_dir / "checkpoints" / "checkpoint-2", resumed_dir / "checkpoints" / "checkpoint-2")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    run(tmp_path, *flags, "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "latest")
-    expected, actual = load_file(full.output_dir / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
-    for name, tensor in expected.items():
-        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    run_and_resume_from_copy(tmp_path, flags, "checkpoint-2")
 
 
 def test_bad_samples_are_counted_in_the_run_summary(tmp_path):
