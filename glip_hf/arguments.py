@@ -140,10 +140,13 @@ class EvalArguments:
     mask_ratio: float = field(default=0.0, metadata={"help": "> 0: masked inference at this ratio"})
     mask_strategy: str | None = field(default=None, metadata={"help": "default: the model's"})
     mask_sigma: float | None = field(default=None, metadata={"help": "default: the model's"})
+    mask_draws: int = field(
+        default=3, metadata={"help": "masked inference: repeat with this many mask draws; mean and std reported"}
+    )
     batch_size: int = 256
     max_samples: int | None = None
     linear_probe_val_fraction: float = 0.2
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seeds the masks of masked inference and the probe's split"})
     cache_dir: str = ".cache/glip-hf"
     output: str | None = field(default=None, metadata={"help": "JSON result file (suite: base of .md/.csv)"})
     suite: str | None = field(default=None, metadata={"help": "YAML list of (task, dataset, ...) entries"})

@@ -22,6 +22,7 @@ class TrainingProgress:
     epoch: int = 0  # epoch of the next batch
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples so far, by reason, all processes
+    empty_steps: int = 0  # steps with no valid sample on any process (no update made)
 
     def save(self, directory: Path) -> None:
         (directory / "progress.json").write_text(json.dumps(asdict(self), indent=1))

@@ -199,12 +199,18 @@ class ImageTextCollator:
                 continue
             pixels.append(result[0])
             captions.append(result[1])
+        if not pixels:  # every row skipped: an empty batch, which the loss and the loop accept
+            return {
+                "pixel_values": torch.zeros(0, 3, self.image_size, self.image_size),
+                "input_ids": torch.zeros(0, self.max_length, dtype=torch.long),
+                "attention_mask": torch.zeros(0, self.max_length, dtype=torch.long),
+                "skipped": skipped,
+            }
         text = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
-        empty = torch.zeros(0, 3, self.image_size, self.image_size)
         return {
-            "pixel_values": torch.stack(pixels) if pixels else empty,
+            "pixel_values": torch.stack(pixels),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "skipped": skipped,

@@ -11,6 +11,8 @@ import contextlib
 import csv
 import json
 import math
+import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -28,7 +30,9 @@ from .arguments import DataArguments, EvalArguments
 from .data import check_columns, decode_image, load_image_text_dataset, make_image_processor, prepare_for_decoding
 from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
+from .seeding import derive_seed
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
+from .tokenization import load_pretrained_tokenizer, pooling_matches
 
 TASKS = ("zeroshot_classification", "retrieval", "linear_probe")
 BUILTIN = "builtin"
@@ -50,9 +54,9 @@ DEFAULT_TEMPLATES = (
 
 
 def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "cpu"):
-    """``(model, tokenizer, image_processor)`` for any CLIP or GLIP checkpoint (directory or Hub id)."""
-    from transformers import AutoTokenizer
+    """``(model, tokenizer, image_processor)`` for any CLIP or GLIP checkpoint (directory or Hub id).
 
+    The checkpoint must bring a tokenizer whose end-of-text token is where its text tower pools."""
     if name_or_path is None:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise FileNotFoundError(
@@ -62,8 +66,19 @@ def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "
         name_or_path = str(DEFAULT_MODEL_DIR)
     if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
         raise FileNotFoundError(f"--model {name_or_path} has no config.json; pass a model directory or a Hub id.")
+    tokenizer = load_pretrained_tokenizer(name_or_path)
+    if tokenizer is None:
+        raise FileNotFoundError(
+            f"--model {name_or_path} has no tokenizer (no tokenizer files, or special tokens only); save the one it "
+            "was trained with beside it: tokenizer.save_pretrained(DIR)."
+        )
     model = GLIPModel.from_pretrained(name_or_path).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not pooling_matches(model.config.text_config, tokenizer):
+        raise ValueError(
+            f"--model {name_or_path}: its text tower pools at eos_token_id={model.config.text_config.eos_token_id} "
+            f"but its tokenizer ends text with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its "
+            "config.json or save the matching tokenizer."
+        )
     image_processor = make_image_processor(model.config.vision_config.image_size, name_or_path)
     return model, tokenizer, image_processor
 
@@ -202,8 +217,13 @@ def encode_images(model, image_processor, dataset, image_column: str, batch_size
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, accelerator: Accelerator) -> torch.Tensor:
     """L2-normalised text features ``(T, D)`` in the order of ``texts``."""
 
+    # Truncate at the text tower's context too: a tokenizer may allow longer inputs than the model embeds.
+    context = model.config.text_config.max_position_embeddings
+
     def encode(rows: list[int]):
-        tokens = tokenizer([texts[i] for i in rows], padding=True, truncation=True, return_tensors="pt")
+        tokens = tokenizer(
+            [texts[i] for i in rows], padding=True, truncation=True, max_length=context, return_tensors="pt"
+        )
         with _autocast(accelerator.device):
             embeds = model.get_text_features(**tokens.to(accelerator.device)).pooler_output
         return F.normalize(embeds.float(), dim=-1), rows, 0
@@ -275,38 +295,115 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator) -> dict[
                 text_to_image.append(position)
     if not texts:
         raise ValueError(f"--caption_column {args.caption_column!r} holds no caption text in {args.split!r}.")
+    duplicates = count_shared_captions(texts, text_to_image)
+    if duplicates:
+        warnings.warn(
+            f"{duplicates} of {len(texts)} captions are also the caption of another image: their scores tie "
+            "exactly, ties are ranked by index, so recall@K depends on row order (see num_duplicate_captions).",
+            stacklevel=2,
+        )
     text_features = encode_texts(model, tokenizer, texts, args.batch_size, accelerator)
     metrics = retrieval_metrics(text_features @ features.t(), torch.tensor(text_to_image))
-    return {"num_samples": len(kept), "num_skipped": skipped, "num_texts": len(texts), "metrics": metrics}
+    return {
+        "num_samples": len(kept),
+        "num_skipped": skipped,
+        "num_texts": len(texts),
+        "num_duplicate_captions": duplicates,
+        "metrics": metrics,
+    }
 
 
-def fit_linear_probe(train_x, train_y, test_x, test_y, num_classes, val_fraction=0.2, seed=0, val=None):
-    """Logistic regression on frozen features, its inverse regularisation C chosen on a validation split.
+def count_shared_captions(texts: Sequence[str], text_to_image: Sequence[int]) -> int:
+    """Captions whose exact text also describes another image (identical features: a tie in every ranking)."""
+    images_per_text: dict[str, set[int]] = {}
+    for text, image in zip(texts, text_to_image):
+        images_per_text.setdefault(text, set()).add(image)
+    return sum(1 for text in texts if len(images_per_text[text]) > 1)
+
+
+# Inverse regularisation strengths searched by the linear probe, in log10 (CLIP_benchmark-style: a wide sweep of
+# decades, extended while the best sits on an edge, then refined around the best).
+PROBE_LOG10_C = tuple(range(-6, 7))
+PROBE_LOG10_C_LIMITS = (-10, 10)
+PROBE_REFINE_STEPS = (0.5, 0.25)
+
+
+def _probe_accuracy(c: float, train, val) -> float:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    with warnings.catch_warnings():  # weak regularisation converges slowly; the validation score judges the fit
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        probe = LogisticRegression(C=c, max_iter=1000).fit(train[0].numpy(), train[1].numpy())
+    return float((probe.predict(val[0].numpy()) == val[1].numpy()).mean())
+
+
+def search_probe_c(train, val, c_grid: Sequence[float] | None = None) -> tuple[float, float]:
+    """The C with the best validation accuracy (the smaller C on ties) and that accuracy.
+
+    Without ``c_grid``: decades 1e-6 ... 1e6, extended a decade at a time (up to 1e-10 / 1e10) while the best is
+    on an edge, then refined at half and quarter decades around the best.
+    """
+    scores: dict[float, float] = {}
+
+    def best() -> float:
+        return max(scores, key=lambda c: (scores[c], -c))
+
+    def score(log10_cs) -> None:
+        for log10_c in log10_cs:
+            c = float(10.0**log10_c)
+            if c not in scores:
+                scores[c] = _probe_accuracy(c, train, val)
+
+    if c_grid is not None:
+        for c in c_grid:
+            scores[float(c)] = _probe_accuracy(float(c), train, val)
+        return best(), scores[best()]
+    low, high = PROBE_LOG10_C[0], PROBE_LOG10_C[-1]
+    score(range(low, high + 1))
+    while True:
+        centre = math.log10(best())
+        if round(centre) == low and low > PROBE_LOG10_C_LIMITS[0]:
+            low -= 1
+            score([low])
+        elif round(centre) == high and high < PROBE_LOG10_C_LIMITS[1]:
+            high += 1
+            score([high])
+        else:
+            break
+    for step in PROBE_REFINE_STEPS:
+        centre = math.log10(best())
+        score([centre - step, centre + step])
+    return best(), scores[best()]
+
+
+def fit_linear_probe(
+    train_x, train_y, test_x, test_y, num_classes, val_fraction=0.2, seed=0, val=None, c_grid=None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Logistic regression on frozen features ``(N, D)``, its inverse regularisation C chosen on a validation split.
 
     Args:
         val: optional ``(features, labels)``; otherwise ``val_fraction`` of the training rows is held out.
+        c_grid: the C values to try; default: the wide search of [`search_probe_c`].
     Returns:
-        ``(metrics on the test rows, chosen C)``; the final classifier is refit on train + validation.
+        ``(metrics on the test rows, {"C": chosen C, "val_top1": its validation accuracy})``; the final classifier
+        is refit on train + validation with the chosen C.
     """
-    from sklearn.linear_model import LogisticRegression
-
     if val is None:
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
         cut = max(1, int(len(order) * val_fraction))
         val = (train_x[order[:cut]], train_y[order[:cut]])
         train_x, train_y = train_x[order[cut:]], train_y[order[cut:]]
-    best_c, best_accuracy = None, -1.0
-    for c in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0):
-        probe = LogisticRegression(C=c, max_iter=1000).fit(train_x.numpy(), train_y.numpy())
-        accuracy = float((probe.predict(val[0].numpy()) == val[1].numpy()).mean())
-        if accuracy > best_accuracy:
-            best_c, best_accuracy = c, accuracy
+    best_c, val_accuracy = search_probe_c((train_x, train_y), val, c_grid)
     all_x, all_y = torch.cat([train_x, val[0]]), torch.cat([train_y, val[1]])
+    from sklearn.linear_model import LogisticRegression
+
     probe = LogisticRegression(C=best_c, max_iter=1000).fit(all_x.numpy(), all_y.numpy())
     scores = torch.full((len(test_y), num_classes), -math.inf)
     scores[:, torch.as_tensor(probe.classes_)] = torch.from_numpy(probe.predict_log_proba(test_x.numpy())).float()
     metrics = classification_metrics(scores, test_y, num_classes)
-    return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}, best_c
+    chosen = {"C": best_c, "val_top1": val_accuracy}
+    return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}, chosen
 
 
 def run_linear_probe(args, model, tokenizer, image_processor, accelerator) -> dict[str, Any]:
@@ -324,7 +421,7 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator) -> di
         encoded[role] = (features, labels, skipped)
     num_classes = int(max(int(e[1].max()) for e in encoded.values())) + 1
     val = encoded["val"][:2] if "val" in encoded else None
-    metrics, c = fit_linear_probe(
+    metrics, chosen = fit_linear_probe(
         *encoded["train"][:2], *encoded["test"][:2], num_classes, args.linear_probe_val_fraction, args.seed, val
     )
     return {
@@ -332,7 +429,7 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator) -> di
         "num_skipped": sum(e[2] for e in encoded.values()),
         "num_classes": num_classes,
         "num_train_samples": len(encoded["train"][1]),
-        "C": c,
+        **chosen,
         "metrics": metrics,
     }
 
@@ -344,28 +441,59 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     """Run one task; returns the DESIGN.md result schema (``task``, ``dataset``, ..., ``metrics``)."""
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task!r} is not one of {TASKS}.")
+    if args.mask_draws < 1:
+        raise ValueError(f"--mask_draws {args.mask_draws} is invalid: expected >= 1.")
     accelerator = accelerator or Accelerator()
     model, tokenizer, image_processor = loaded or load_model_for_eval(args.model, accelerator.device)
-    strategy = args.mask_strategy or model.config.vision_config.mask_strategy
-    sigma = args.mask_sigma or model.config.vision_config.mask_sigma
-    with masked_inference(model, args.mask_ratio, strategy, sigma):  # mask_ratio 0 = unmasked inference
-        result = RUNNERS[args.task](args, model, tokenizer, image_processor, accelerator)
+    vision = model.config.vision_config
+    strategy = vision.mask_strategy if args.mask_strategy is None else args.mask_strategy
+    sigma = vision.mask_sigma if args.mask_sigma is None else args.mask_sigma
+    masked = args.mask_ratio > 0
+    runs = []
+    for draw in range(args.mask_draws if masked else 1):  # mask_ratio 0 = unmasked inference, one deterministic run
+        generator = _mask_generator(args.seed, draw, accelerator) if masked else None
+        with masked_inference(model, args.mask_ratio, strategy, sigma, generator=generator):
+            runs.append(RUNNERS[args.task](args, model, tokenizer, image_processor, accelerator))
+    result = {**runs[0], "metrics": _mean_metrics([run["metrics"] for run in runs])}
+    if masked:
+        result["metrics_std"] = _std_metrics([run["metrics"] for run in runs])
+        result["metrics_per_draw"] = [run["metrics"] for run in runs]
     return {
         "task": args.task,
         "dataset": args.dataset or BUILTIN,
         "split": args.split,
         "model": args.model or str(DEFAULT_MODEL_DIR),
         "mask_ratio": args.mask_ratio,
-        "mask_strategy": strategy if args.mask_ratio > 0 else None,
+        "mask_strategy": strategy if masked else None,
+        "mask_draws": len(runs),
+        "seed": args.seed,
         **result,
     }
+
+
+def _mask_generator(seed: int, draw: int, accelerator: Accelerator) -> torch.Generator:
+    """The masks of one masked-inference draw: a function of ``--seed``, the draw and the process."""
+    generator = torch.Generator(device=accelerator.device)
+    return generator.manual_seed(derive_seed(seed, "eval-masks", draw, accelerator.process_index))
+
+
+def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {name: statistics.fmean(run[name] for run in runs) for name in runs[0]}
+
+
+def _std_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Sample standard deviation over mask draws (0 for a single draw)."""
+    return {name: statistics.stdev(r[name] for r in runs) if len(runs) > 1 else 0.0 for name in runs[0]}
 
 
 # -------------------------------------------------------------------------------------------------------- output
 
 
 def summary_line(result: dict[str, Any]) -> str:
-    metrics = " | ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+    spread = result.get("metrics_std", {})
+    metrics = " | ".join(
+        f"{k} {v:.4f}" + (f" +/- {spread[k]:.4f}" if k in spread else "") for k, v in result["metrics"].items()
+    )
     return (
         f"{result['task']} | {result['dataset']}[{result['split']}] | mask_ratio {result['mask_ratio']} | "
         f"{metrics} | n={result['num_samples']} skipped={result['num_skipped']}"
@@ -377,8 +505,10 @@ def write_table(results: list[dict[str, Any]], base: str | Path) -> tuple[Path, 
     base = Path(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     keys = ["model", "task", "dataset", "split", "mask_ratio", "num_samples", "num_skipped"]
-    metric_keys = list(dict.fromkeys(k for r in results for k in r["metrics"]))
-    rows = [[r[k] for k in keys] + [r["metrics"].get(m, "") for m in metric_keys] for r in results]
+    # Masked-inference rows carry the spread over mask draws as `<metric>_std` columns.
+    values = [{**r["metrics"], **{f"{k}_std": v for k, v in r.get("metrics_std", {}).items()}} for r in results]
+    metric_keys = list(dict.fromkeys(k for v in values for k in v))
+    rows = [[r[k] for k in keys] + [v.get(m, "") for m in metric_keys] for r, v in zip(results, values)]
     header = keys + metric_keys
     with (base.with_suffix(".csv")).open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ class MaskingSpec:
     mask_ratio: float
     mask_strategy: str
     mask_sigma: float
+    generator: torch.Generator | None = field(default=None, compare=False)  # None: the global RNG (training)
 
 
 class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
@@ -73,7 +74,7 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         grid = (height // p, width // p)
         num_patches = grid[0] * grid[1]
         keep = keep_indices_from_offset(
-            batch_size, self._offset(grid, spec), num_kept_patches(num_patches, spec.mask_ratio)
+            batch_size, self._offset(grid, spec), num_kept_patches(num_patches, spec.mask_ratio), spec.generator
         )  # (B, k)
 
         # The stride-p convolution equals a linear map on flattened p x p patches: project only the kept ones.
@@ -159,11 +160,17 @@ def glip_embeddings(model: nn.Module) -> list[GLIPVisionEmbeddings]:
 
 @contextlib.contextmanager
 def masked_inference(
-    model: nn.Module, mask_ratio: float, mask_strategy: str | None = None, mask_sigma: float | None = None
+    model: nn.Module,
+    mask_ratio: float,
+    mask_strategy: str | None = None,
+    mask_sigma: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Iterator[nn.Module]:
     """Apply masking in every forward pass inside the block, in eval mode too (the paper's *masked inference*).
 
-    ``mask_ratio=0`` turns masking off, in training mode too. Strategy and sigma default to the model's config.
+    ``mask_ratio=0`` turns masking off, in training mode too. Strategy and sigma default to the model's config
+    (``None``; any other value, ``0`` included, is validated). Masks are drawn from ``generator`` (on the model's
+    device) when given, so that a seeded evaluation is reproducible; else from the global RNG.
 
     ```python
     >>> with masked_inference(model, mask_ratio=0.5):
@@ -181,10 +188,10 @@ def masked_inference(
             # Validate through the config class so a bad value names its field.
             checked = GLIPVisionConfig(
                 mask_ratio=mask_ratio,
-                mask_strategy=mask_strategy or module.config.mask_strategy,
-                mask_sigma=mask_sigma or module.config.mask_sigma,
+                mask_strategy=module.config.mask_strategy if mask_strategy is None else mask_strategy,
+                mask_sigma=module.config.mask_sigma if mask_sigma is None else mask_sigma,
             )
-            module.masking_override = MaskingSpec(*(getattr(checked, name) for name in MASKING_FIELDS))
+            module.masking_override = MaskingSpec(*(getattr(checked, name) for name in MASKING_FIELDS), generator)
         yield model
     finally:
         for module, spec in zip(modules, previous):

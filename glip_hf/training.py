@@ -10,7 +10,9 @@ import contextlib
 import itertools
 import json
 import math
+import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,8 +43,9 @@ from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
 from .optimization import build_optimizer, build_scheduler
+from .seeding import seed_mask_stream
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
-from .tokenization import load_or_train_tokenizer, text_config_overrides
+from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
 from .tracking import MetricsLog, plot_loss_curve, resolve_report_to
 
 
@@ -77,18 +80,29 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments):
 
 
 def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
-    """A fresh GLIP of the requested size, or ``init_from`` (any CLIP or GLIP checkpoint) with masking overrides."""
+    """A fresh GLIP of the requested size, or ``init_from`` (any CLIP or GLIP checkpoint) with masking overrides.
+
+    The text tower must pool at the tokenizer's end-of-text token: a checkpoint configured for another id is
+    remapped to the tokenizer's (with a warning); a tokenizer whose end-of-text id is 2 is rejected.
+    """
     masking = {name: getattr(model_args, name) for name in MASKING_FIELDS if getattr(model_args, name) is not None}
     if model_args.init_from:
-        model = GLIPModel.from_pretrained(
-            model_args.init_from, attn_implementation=model_args.attn_implementation, **masking
-        )
-        if len(tokenizer) > model.config.text_config.vocab_size:
+        config = GLIPConfig.from_pretrained(model_args.init_from, **masking)
+        if len(tokenizer) > config.text_config.vocab_size:
             raise ValueError(
                 f"tokenizer has {len(tokenizer)} tokens but {model_args.init_from} embeds only "
-                f"{model.config.text_config.vocab_size}; pass the checkpoint's own tokenizer (--tokenizer_name)."
+                f"{config.text_config.vocab_size}; pass the checkpoint's own tokenizer (--tokenizer_name)."
             )
-        return model
+        configured = config.text_config.eos_token_id
+        if align_pooling_token(config.text_config, tokenizer, f"init_from {model_args.init_from}"):
+            warnings.warn(
+                f"{model_args.init_from} pools text at token id {configured} but the tokenizer ends text with "
+                f"{tokenizer.eos_token_id}; the text tower now pools at {tokenizer.eos_token_id}.",
+                stacklevel=2,
+            )
+        return GLIPModel.from_pretrained(
+            model_args.init_from, config=config, attn_implementation=model_args.attn_implementation
+        )
     config = GLIPConfig(
         text_config=dict(
             hidden_size=model_args.text_hidden_size,
@@ -109,12 +123,16 @@ def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
         projection_dim=model_args.projection_dim,
         **masking,
     )
+    align_pooling_token(config.text_config, tokenizer, f"--tokenizer_name {model_args.tokenizer_name}")
     config._attn_implementation = model_args.attn_implementation
     return GLIPModel(config)
 
 
 def _with_index(row: dict, index: int) -> dict:
-    return {"__index__": index}
+    """The row's position in this process's stream, unique across DataLoader workers (each worker counts its own
+    rows from 0), so that it seeds an augmentation no other row shares."""
+    worker = torch.utils.data.get_worker_info()
+    return {"__index__": index if worker is None else index * worker.num_workers + worker.id}
 
 
 def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint: Path | None):
@@ -176,7 +194,9 @@ def _encode(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     out = model(
         input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
     )
-    return out.image_embeds.float(), out.text_embeds.float()  # (B, D) each, L2-normalised
+    # (B, D) each, L2-normalised; the loss runs in at least float32 (bf16/fp16 features are upcast).
+    dtype = torch.promote_types(out.image_embeds.dtype, torch.float32)
+    return out.image_embeds.to(dtype), out.text_embeds.to(dtype)
 
 
 def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerator: Accelerator) -> torch.Tensor:
@@ -210,6 +230,18 @@ def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerat
     return loss.detach()
 
 
+def _check_launch(accelerator: Accelerator) -> None:
+    """Stop when the launcher started more processes than Accelerate joined: on a machine without GPUs,
+    ``accelerate launch --multi_gpu`` without ``--cpu true`` gives N independent single-process runs that would
+    train the same model N times and write the same files."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise ValueError(
+            f"{launched} processes were launched but Accelerate joined {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); on a machine without GPUs pass --cpu true."
+        )
+
+
 def _print_config(accelerator: Accelerator, values: dict[str, Any], output_dir: Path) -> None:
     if accelerator.is_main_process:
         text = yaml.safe_dump(values, sort_keys=False)
@@ -226,9 +258,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         mixed_precision=training_args.mixed_precision,
         log_with=trackers or None,
         project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training_args.seed),
         step_scheduler_with_optimizer=False,
     )
+    _check_launch(accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
     _print_config(accelerator, to_flat_dict(model_args, data_args, training_args), output_dir)
     set_seed(training_args.seed)
@@ -266,6 +299,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     main_steps = _main_steps(dataloader, training_args, accelerator, data_args.streaming)
     scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
+    seed_mask_stream(training_args.seed, accelerator.process_index)  # a resume restores the per-process state
 
     progress = TrainingProgress()
     if checkpoint is not None:
@@ -358,16 +392,17 @@ def _make_dataloader(train_data, collator, data_args: DataArguments, training_ar
 
 
 def _main_steps(dataloader, training_args: TrainingArguments, accelerator: Accelerator, streaming: bool) -> int:
-    """Optimizer steps of the masked stage: ``max_steps``, or the epochs' worth of (prepared) batches."""
+    """Optimizer steps of the masked stage: ``max_steps``, or enough steps to consume the epochs' worth of
+    (prepared) micro-batches, rounded up (an epoch of 10 micro-batches at accumulation 4 is 2.5 steps)."""
     if training_args.max_steps > 0:
         return training_args.max_steps
-    steps_per_epoch = len(dataloader) // training_args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
+    accumulation = training_args.gradient_accumulation_steps
+    if len(dataloader) < accumulation:
         raise ValueError(
-            f"gradient_accumulation_steps={training_args.gradient_accumulation_steps} exceeds the {len(dataloader)}"
+            f"gradient_accumulation_steps={accumulation} exceeds the {len(dataloader)}"
             f" batches per epoch of each of the {accelerator.num_processes} process(es); lower it or the batch size."
         )
-    return math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    return math.ceil(training_args.num_train_epochs * len(dataloader) / accumulation)
 
 
 @dataclass
@@ -400,7 +435,8 @@ def _optimizer_step(run: _Run) -> float:
         accelerator.clip_grad_norm_(list(run.model.parameters()) + params, run.args.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
-    run.scheduler.step()
+    if not run.optimizer.step_was_skipped:  # fp16: the gradient scaler skipped a non-finite step
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         run.unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -429,11 +465,17 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             batch = next(batches)
             skipped_local.update(batch.pop("skipped"))
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
-        with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
-            window_loss.append(
-                train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
-            )
-        lr = _optimizer_step(run)
+        if _global_rows(accelerator, micro_batches) == 0:
+            # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
+            lr = run.scheduler.get_last_lr()[0]
+            run.scheduler.step()
+            progress.empty_steps += 1
+        else:
+            with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
+                window_loss.append(
+                    train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
+                )
+            lr = _optimizer_step(run)
         progress.step += 1
         bar.update(1)
         window_images += sum(b["pixel_values"].shape[0] for b in micro_batches) * accelerator.num_processes
@@ -441,7 +483,7 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             record = {
                 "step": progress.step,
                 "epoch": progress.epoch,
-                "loss": accelerator.reduce(torch.stack(window_loss).mean(), "mean").item(),
+                "loss": _window_mean(accelerator, window_loss),
                 "lr": lr,
                 "logit_scale": run.unwrapped.logit_scale.exp().item(),
                 "images_per_s": window_images / max(time.perf_counter() - window_start, 1e-9),
@@ -464,6 +506,21 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             save_checkpoint(accelerator, args.output_dir, progress, args.save_total_limit, run.tokenizer)
     bar.close()
     return metrics
+
+
+def _global_rows(accelerator: Accelerator, micro_batches: list[dict]) -> int:
+    """Samples in this step over all processes (a process may hold none after skipping bad samples)."""
+    rows = sum(batch["pixel_values"].shape[0] for batch in micro_batches)
+    if accelerator.num_processes == 1:
+        return rows
+    return int(accelerator.reduce(torch.tensor(rows, device=accelerator.device), "sum").item())
+
+
+def _window_mean(accelerator: Accelerator, losses: list[torch.Tensor]) -> float:
+    """Mean loss of the logging window over processes; NaN when every step in it was empty (same on all ranks)."""
+    if not losses:
+        return math.nan
+    return accelerator.reduce(torch.stack(losses).mean(), "mean").item()
 
 
 def _total_skipped(accelerator: Accelerator, so_far: dict[str, int], local: Counter) -> dict[str, int]:
@@ -495,10 +552,14 @@ def _finish(
             "steps": progress.step,
             "skipped": progress.skipped,
             "num_skipped": sum(progress.skipped.values()),
+            "empty_steps": progress.empty_steps,
             "held_out_zero_shot": eval_metrics,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
-        print(f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}")
+        print(
+            f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}; "
+            f"steps with no valid sample: {progress.empty_steps}"
+        )
     accelerator.end_training()
     return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)
 

@@ -75,7 +75,7 @@ def caption_corpus() -> list[str]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return train_clip_tokenizer(caption_corpus(), vocab_size=256, model_max_length=TEXT_LEN)
+    return train_clip_tokenizer(caption_corpus(), vocab_size=600, model_max_length=TEXT_LEN)
 
 
 @pytest.fixture

@@ -37,13 +37,15 @@ def make_parquet(path: Path, n: int = 8) -> Path:
     return path
 
 
-def make_webdataset(root: Path, shards: int = 2, per_shard: int = 4) -> Path:
+def make_webdataset(root: Path, shards: int = 2, per_shard: int = 4, same_image: bool = False) -> Path:
+    """``shards`` tar files of ``per_shard`` jpg/txt pairs; with ``same_image`` every sample shows one image."""
     root.mkdir(parents=True, exist_ok=True)
     index = 0
     for shard in range(shards):
         with tarfile.open(root / f"{shard:05d}.tar", "w") as tar:
             for _ in range(per_shard):
-                for ext, payload in (("jpg", _jpeg(index)), ("txt", captions(index + 1)[-1].encode())):
+                image = _jpeg(0 if same_image else index)
+                for ext, payload in (("jpg", image), ("txt", captions(index + 1)[-1].encode())):
                     info = tarfile.TarInfo(f"{index:06d}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -75,3 +77,13 @@ def make_broken_dataset(path: Path, good: int = 20) -> tuple[Path, dict[str, int
 
 def blank_image() -> Image.Image:
     return Image.new("RGB", (8, 8))
+
+
+def make_sparse_caption_dataset(path: Path, good: int = 4, missing: int = 8) -> Path:
+    """A saved dataset of ``good`` captioned rows and ``missing`` rows without a caption, interleaved."""
+    rows = good + missing
+    texts = [captions(rows)[i] if i % (rows // good) == 0 else None for i in range(rows)]
+    images = [{"bytes": png_bytes(i, 16), "path": None} for i in range(rows)]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": images, "caption": texts}, features=features).save_to_disk(str(path))
+    return path

@@ -2,7 +2,8 @@
 
 Rank r takes rows [starts[r], starts[r+1]) of a fixed batch (uneven shards on purpose), computes the global
 contrastive loss with features gathered across processes, back-propagates through DDP, and rank 0 saves the
-reduced loss and the synchronised gradients to argv[1].
+reduced loss and the synchronised gradients to argv[1]. Everything runs in float64, so that the comparison with one
+process measures the gathering, not float32 summation order (which differs between CPUs).
 """
 
 import sys
@@ -19,7 +20,7 @@ from glip_hf.losses import ContrastiveLoss  # noqa: E402
 
 def fixed_batch():
     generator = torch.Generator().manual_seed(0)
-    pixel_values = torch.randn(8, 3, 30, 30, generator=generator)
+    pixel_values = torch.randn(8, 3, 30, 30, generator=generator, dtype=torch.float64)
     input_ids = torch.randint(2, 99, (8, 7), generator=generator)
     input_ids[:, 0], input_ids[:, -1] = 0, 1
     return pixel_values, input_ids
@@ -28,8 +29,8 @@ def fixed_batch():
 def main(out: str, kind: str) -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = GLIPModel(tiny_config(mask_ratio=0.0))
-    loss_fn = ContrastiveLoss(kind)
+    model = GLIPModel(tiny_config(mask_ratio=0.0)).double()
+    loss_fn = ContrastiveLoss(kind).double()
     model = accelerator.prepare(model)
     pixel_values, input_ids = fixed_batch()
     starts = [0, 5, 8]  # rank 0: 5 rows, rank 1: 3 rows

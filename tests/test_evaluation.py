@@ -110,7 +110,9 @@ def test_predictions_agree_with_the_zero_shot_pipeline(saved_model_dir, eval_dat
     for row, output in zip(ours, outputs):
         theirs = torch.tensor([next(o["score"] for o in output if o["label"] == label) for label in labels])
         torch.testing.assert_close(row, theirs, atol=1e-4, rtol=1e-3)
-        assert labels[int(row.argmax())] == output[0]["label"]
+        top2 = row.topk(2).values
+        if top2[0] - top2[1] > 1e-4:  # a near tie may flip between the two float32 code paths
+            assert labels[int(row.argmax())] == output[0]["label"]
 
 
 def test_plain_clip_checkpoints_evaluate_too(saved_model_dir, eval_dataset, tmp_path):
@@ -200,4 +202,127 @@ def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_datase
     launch_two_processes(ROOT / "run_eval.py", *common, "--output", tmp_path / "two.json", port=29535)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["num_samples"] == two["num_samples"] == 24
-    assert one["metrics"] == pytest.approx(two["metrics"], abs=1e-6)
+    # Sharding changes float32 batch composition, which can flip a near-tied image: allow one image, no more.
+    assert one["metrics"] == pytest.approx(two["metrics"], abs=1 / 24 + 1e-9)
+
+
+# ------------------------------------------------------------------------------- correctness regressions (issue 7)
+
+
+def _recorded_masks(monkeypatch) -> list:
+    from glip_hf import modeling_glip
+
+    draws, original = [], modeling_glip.keep_indices_from_offset
+
+    def recording(*args, **kwargs):
+        keep = original(*args, **kwargs)
+        draws.append(keep.clone())
+        return keep
+
+    monkeypatch.setattr(modeling_glip, "keep_indices_from_offset", recording)
+    return draws
+
+
+def test_masked_inference_is_seeded_and_reports_the_spread_over_draws(saved_model_dir, eval_dataset, monkeypatch):
+    draws = _recorded_masks(monkeypatch)
+    loaded = load_model_for_eval(str(saved_model_dir))
+    first = evaluate_model(
+        args_for(saved_model_dir, eval_dataset, mask_ratio=0.5, mask_draws=3), Accelerator(), loaded
+    )
+    first_draws = list(draws)
+    draws.clear()
+    torch.rand(100)  # other users of the global RNG must not change the masks
+    again = evaluate_model(
+        args_for(saved_model_dir, eval_dataset, mask_ratio=0.5, mask_draws=3), Accelerator(), loaded
+    )
+    assert len(draws) == len(first_draws) and all(torch.equal(a, b) for a, b in zip(draws, first_draws))
+    assert again["metrics"] == first["metrics"] and again["metrics_std"] == first["metrics_std"]
+    assert first["mask_draws"] == 3 and first["seed"] == 0 and set(first["metrics_std"]) == set(first["metrics"])
+    per_draw = len(first_draws) // 3  # image batches of one draw
+    assert not torch.equal(first_draws[0], first_draws[per_draw]), "every draw used the same masks"
+    draws.clear()
+    evaluate_model(
+        args_for(saved_model_dir, eval_dataset, mask_ratio=0.5, mask_draws=1, seed=1), Accelerator(), loaded
+    )
+    assert not torch.equal(draws[0], first_draws[0]), "--seed does not reach the masks"
+
+
+def test_unmasked_evaluation_runs_once_and_reports_no_spread(saved_model_dir, eval_dataset):
+    result = evaluate_model(args_for(saved_model_dir, eval_dataset, mask_draws=5))
+    assert result["mask_draws"] == 1 and "metrics_std" not in result
+
+
+def test_zero_and_other_falsy_mask_values_are_rejected_not_replaced(saved_model_dir, eval_dataset, model):
+    with pytest.raises(ValueError, match="mask_sigma"):
+        evaluate_model(args_for(saved_model_dir, eval_dataset, mask_ratio=0.5, mask_sigma=0.0))
+    with pytest.raises(ValueError, match="mask_strategy"):
+        evaluate_model(args_for(saved_model_dir, eval_dataset, mask_ratio=0.5, mask_strategy=""))
+    from glip_hf import masked_inference
+
+    with pytest.raises(ValueError, match="mask_sigma"), masked_inference(model, 0.5, mask_sigma=0.0):
+        pass
+
+
+def _hard_probe_problem(n: int, seed: int):
+    """Two classes told apart along a low-variance direction, hidden by a correlated high-variance one, at a tiny
+    feature scale: only a weakly regularised probe (large C) finds it."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    shared = torch.randn(n, generator=generator) * 5.0
+    signal = (labels.float() * 2 - 1) * 0.6 + torch.randn(n, generator=generator) * 0.25
+    features = torch.stack([shared + signal, shared - signal, torch.randn(n, generator=generator)], dim=1)
+    features[:, 0] += labels.float() * -0.5  # the class means point the wrong way along the first axis
+    return features * 1e-3, labels
+
+
+def test_linear_probe_searches_a_wide_range_of_regularisation():
+    from glip_hf.evaluation import fit_linear_probe
+
+    train_x, train_y = _hard_probe_problem(400, 0)
+    test_x, test_y = _hard_probe_problem(400, 1)
+    metrics, chosen = fit_linear_probe(train_x, train_y, test_x, test_y, 2)
+    assert chosen["C"] > 100, f"C={chosen['C']} at or inside the old grid's edge"
+    capped, _ = fit_linear_probe(train_x, train_y, test_x, test_y, 2, c_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0))
+    assert metrics["top1"] > capped["top1"] + 0.05
+
+
+def test_linear_probe_reports_the_chosen_c(saved_model_dir, eval_dataset):
+    result = evaluate_model(args_for(saved_model_dir, eval_dataset, task="linear_probe"))
+    assert result["C"] > 0 and 0.0 <= result["val_top1"] <= 1.0
+
+
+def test_retrieval_counts_and_warns_about_duplicate_captions(saved_model_dir, eval_dataset):
+    with pytest.warns(UserWarning, match="tie"):
+        result = evaluate_model(args_for(saved_model_dir, eval_dataset, task="retrieval"))
+    test = datasets.load_from_disk(eval_dataset)["test"]
+    owners: dict[str, set] = {}
+    for image, captions in enumerate(test["captions"]):
+        for caption in captions:
+            owners.setdefault(caption, set()).add(image)
+    shared = sum(1 for captions in test["captions"] for caption in captions if len(owners[caption]) > 1)
+    assert shared > 0 and result["num_duplicate_captions"] == shared
+    assert result["num_texts"] == sum(len(c) for c in test["captions"])
+
+
+def test_evaluating_a_model_without_tokenizer_is_a_one_line_error(saved_model_dir, tmp_path):
+    model, _, _ = load_model_for_eval(str(saved_model_dir))
+    export = glip_hf.export_to_clip(model, tmp_path / "no-tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"no-tokenizer has no tokenizer.*save_pretrained"):
+        load_model_for_eval(str(export))
+
+
+def test_evaluating_a_model_whose_pooling_token_is_not_the_tokenizers_eos_is_an_error(saved_model_dir, tmp_path):
+    model, tokenizer, _ = load_model_for_eval(str(saved_model_dir))
+    model.config.text_config.eos_token_id = 2  # legacy argmax pooling, but this tokenizer's eos is not the max id
+    model.save_pretrained(tmp_path / "legacy")
+    tokenizer.save_pretrained(tmp_path / "legacy")
+    with pytest.raises(ValueError, match="eos_token_id"):
+        load_model_for_eval(str(tmp_path / "legacy"))
+
+
+def test_prompts_longer_than_the_text_context_are_truncated(saved_model_dir):
+    model, tokenizer, _ = load_model_for_eval(str(saved_model_dir))
+    tokenizer.model_max_length = 1000  # a tokenizer that allows more than the model's 32 positions
+    template = "a photo of a " + "very " * 60 + "{}."
+    classifier = zero_shot_classifier(model, tokenizer, ["red circle", "blue star"], [template], 4, Accelerator())
+    assert classifier.shape == (2, 16) and torch.isfinite(classifier).all()
