@@ -148,6 +148,7 @@ class EvalArguments:
     linear_probe_val_fraction: float = 0.2
     seed: int = field(default=0, metadata={"help": "seeds the masks of masked inference and the probe's split"})
     cache_dir: str = ".cache/glip-hf"
+    cpu: bool = field(default=False, metadata={"help": "run on the CPU (several processes on a GPU-less machine)"})
     output: str | None = field(default=None, metadata={"help": "JSON result file (suite: base of .md/.csv)"})
     suite: str | None = field(default=None, metadata={"help": "YAML list of (task, dataset, ...) entries"})
 

@@ -14,7 +14,7 @@ import math
 import statistics
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 from .arguments import DataArguments, EvalArguments
 from .data import check_columns, decode_image, load_image_text_dataset, make_image_processor, prepare_for_decoding
+from .launch import check_launch
 from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
 from .seeding import derive_seed
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
-from .tokenization import load_pretrained_tokenizer, pooling_matches
+from .tokenization import check_ends_with_eos, load_pretrained_tokenizer, pooling_matches
 
 TASKS = ("zeroshot_classification", "retrieval", "linear_probe")
 BUILTIN = "builtin"
@@ -73,6 +74,7 @@ def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "
             "was trained with beside it: tokenizer.save_pretrained(DIR)."
         )
     model = GLIPModel.from_pretrained(name_or_path).to(device).eval()
+    check_ends_with_eos(tokenizer, f"--model {name_or_path}")
     if not pooling_matches(model.config.text_config, tokenizer):
         raise ValueError(
             f"--model {name_or_path}: its text tower pools at eos_token_id={model.config.text_config.eos_token_id} "
@@ -168,16 +170,19 @@ def _sharded_encode(
     accelerator: Accelerator, indices: list[int], batch_size: int, encode: Callable, desc: str
 ) -> tuple[torch.Tensor, list[int], int]:
     """Run ``encode(chunk) -> (features (b, D) | None, kept indices, skipped)`` over this process's share of
-    ``indices``, gather every process's results, and return them in index order."""
-    with accelerator.split_between_processes(indices) as mine:
-        features, kept, skipped = [], [], 0
-        chunks = range(0, len(mine), batch_size)
-        for start in tqdm(chunks, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
-            out, ids, bad = encode(mine[start : start + batch_size])
-            if out is not None:
-                features.append(out.cpu())
-            kept += ids
-            skipped += bad
+    ``indices``, gather every process's results, and return them in index order.
+
+    Chunks are cut from all of ``indices`` first and dealt to the processes in turn, so a chunk holds the same rows
+    whatever the number of processes (masked inference seeds its masks per chunk)."""
+    chunks = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+    mine = chunks[accelerator.process_index :: accelerator.num_processes]
+    features, kept, skipped = [], [], 0
+    for chunk in tqdm(mine, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
+        out, ids, bad = encode(chunk)
+        if out is not None:
+            features.append(out.cpu())
+        kept += ids
+        skipped += bad
     local = (torch.cat(features) if features else None, kept, skipped)
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     all_kept = [i for part in parts for i in part[1]]
@@ -189,13 +194,36 @@ def _sharded_encode(
     return stacked[order], [all_kept[i] for i in order], sum(part[2] for part in parts)
 
 
+@dataclass
+class MaskDraw:
+    """The masks of one masked-inference draw, seeded batch by batch from ``--seed``, the draw and the batch's first
+    row: the same masks for an image whatever the number of processes (they do depend on ``--batch_size``)."""
+
+    seed: int
+    draw: int
+    generator: torch.Generator  # on the model's device, handed to `masked_inference`
+
+    def reseed(self, first_row: int) -> None:
+        self.generator.manual_seed(derive_seed(self.seed, "eval-masks", self.draw, first_row))
+
+
 @torch.inference_mode()
-def encode_images(model, image_processor, dataset, image_column: str, batch_size: int, accelerator: Accelerator):
+def encode_images(
+    model,
+    image_processor,
+    dataset,
+    image_column: str,
+    batch_size: int,
+    accelerator: Accelerator,
+    mask_draw: MaskDraw | None = None,
+):
     """L2-normalised image features ``(N_kept, D)``, the kept row indices, and the number of undecodable rows."""
 
     images_only = dataset.select_columns([image_column])  # rows without captions and labels
 
     def encode(rows: list[int]):
+        if mask_draw is not None:
+            mask_draw.reseed(rows[0])
         images, ids = [], []
         for index in rows:
             try:
@@ -254,16 +282,19 @@ def zero_shot_on_dataset(
     label_column: str,
     batch_size: int,
     accelerator: Accelerator,
+    mask_draw: MaskDraw | None = None,
 ) -> dict[str, Any]:
     """Zero-shot classification of ``dataset`` rows (images undecoded or decoded); counts and metrics."""
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates, batch_size, accelerator)
-    features, kept, skipped = encode_images(model, image_processor, dataset, image_column, batch_size, accelerator)
+    features, kept, skipped = encode_images(
+        model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw
+    )
     labels = torch.tensor(dataset.select(kept)[label_column])
     metrics = classification_metrics(features @ classifier.t().cpu(), labels, len(class_names))
     return {"num_samples": len(kept), "num_skipped": skipped, "num_classes": len(class_names), "metrics": metrics}
 
 
-def run_zero_shot(args, model, tokenizer, image_processor, accelerator) -> dict[str, Any]:
+def run_zero_shot(args, model, tokenizer, image_processor, accelerator, mask_draw=None) -> dict[str, Any]:
     dataset = load_eval_split(args, args.split, model)
     names, templates = class_names_and_templates(args, dataset)
     return zero_shot_on_dataset(
@@ -277,14 +308,15 @@ def run_zero_shot(args, model, tokenizer, image_processor, accelerator) -> dict[
         args.label_column,
         args.batch_size,
         accelerator,
+        mask_draw,
     )
 
 
-def run_retrieval(args, model, tokenizer, image_processor, accelerator) -> dict[str, Any]:
+def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_draw=None) -> dict[str, Any]:
     dataset = load_eval_split(args, args.split, model)
     check_columns(dataset, {"caption_column": args.caption_column}, f"{args.dataset or BUILTIN}[{args.split}]")
     features, kept, skipped = encode_images(
-        model, image_processor, dataset, args.image_column, args.batch_size, accelerator
+        model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw
     )
     texts, text_to_image = [], []
     for position, value in enumerate(dataset.select(kept)[args.caption_column]):
@@ -295,7 +327,9 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator) -> dict[
                 text_to_image.append(position)
     if not texts:
         raise ValueError(f"--caption_column {args.caption_column!r} holds no caption text in {args.split!r}.")
-    duplicates = count_shared_captions(texts, text_to_image)
+    duplicates = count_shared_captions(
+        tokenizer, texts, text_to_image, model.config.text_config.max_position_embeddings
+    )
     if duplicates:
         warnings.warn(
             f"{duplicates} of {len(texts)} captions are also the caption of another image: their scores tie "
@@ -313,12 +347,14 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator) -> dict[
     }
 
 
-def count_shared_captions(texts: Sequence[str], text_to_image: Sequence[int]) -> int:
-    """Captions whose exact text also describes another image (identical features: a tie in every ranking)."""
-    images_per_text: dict[str, set[int]] = {}
-    for text, image in zip(texts, text_to_image):
-        images_per_text.setdefault(text, set()).add(image)
-    return sum(1 for text in texts if len(images_per_text[text]) > 1)
+def count_shared_captions(tokenizer, texts: Sequence[str], text_to_image: Sequence[int], max_length: int) -> int:
+    """Captions that the model sees exactly as a caption of another image (same token ids after the tokenizer's
+    normalisation and truncation: identical features, so a tie in every ranking)."""
+    keys = [tuple(ids) for ids in tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]]
+    images_per_key: dict[tuple, set[int]] = {}
+    for key, image in zip(keys, text_to_image):
+        images_per_key.setdefault(key, set()).add(image)
+    return sum(1 for key in keys if len(images_per_key[key]) > 1)
 
 
 # Inverse regularisation strengths searched by the linear probe, in log10 (CLIP_benchmark-style: a wide sweep of
@@ -326,15 +362,22 @@ def count_shared_captions(texts: Sequence[str], text_to_image: Sequence[int]) ->
 PROBE_LOG10_C = tuple(range(-6, 7))
 PROBE_LOG10_C_LIMITS = (-10, 10)
 PROBE_REFINE_STEPS = (0.5, 0.25)
+# L-BFGS iterations of each fit during the search and of the final fit: weakly regularised fits converge slowly, and
+# the validation score, not convergence, judges a search fit.
+PROBE_SEARCH_MAX_ITER, PROBE_FINAL_MAX_ITER = 300, 1000
 
 
-def _probe_accuracy(c: float, train, val) -> float:
+def _fit_probe(c: float, x: torch.Tensor, y: torch.Tensor, max_iter: int):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    with warnings.catch_warnings():  # weak regularisation converges slowly; the validation score judges the fit
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probe = LogisticRegression(C=c, max_iter=1000).fit(train[0].numpy(), train[1].numpy())
+        return LogisticRegression(C=c, max_iter=max_iter).fit(x.numpy(), y.numpy())
+
+
+def _probe_accuracy(c: float, train, val) -> float:
+    probe = _fit_probe(c, *train, PROBE_SEARCH_MAX_ITER)
     return float((probe.predict(val[0].numpy()) == val[1].numpy()).mean())
 
 
@@ -396,17 +439,18 @@ def fit_linear_probe(
         train_x, train_y = train_x[order[cut:]], train_y[order[cut:]]
     best_c, val_accuracy = search_probe_c((train_x, train_y), val, c_grid)
     all_x, all_y = torch.cat([train_x, val[0]]), torch.cat([train_y, val[1]])
-    from sklearn.linear_model import LogisticRegression
-
-    probe = LogisticRegression(C=best_c, max_iter=1000).fit(all_x.numpy(), all_y.numpy())
+    probe = _fit_probe(best_c, all_x, all_y, PROBE_FINAL_MAX_ITER)
     scores = torch.full((len(test_y), num_classes), -math.inf)
-    scores[:, torch.as_tensor(probe.classes_)] = torch.from_numpy(probe.predict_log_proba(test_x.numpy())).float()
+    with warnings.catch_warnings():  # a class probability of 0 gives log 0 = -inf, which ranks last as it should
+        warnings.simplefilter("ignore", RuntimeWarning)
+        log_probs = probe.predict_log_proba(test_x.numpy())
+    scores[:, torch.as_tensor(probe.classes_)] = torch.from_numpy(log_probs).float()
     metrics = classification_metrics(scores, test_y, num_classes)
     chosen = {"C": best_c, "val_top1": val_accuracy}
     return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}, chosen
 
 
-def run_linear_probe(args, model, tokenizer, image_processor, accelerator) -> dict[str, Any]:
+def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_draw=None) -> dict[str, Any]:
     splits = {"train": args.train_split, "test": args.split, "val": args.val_split}
     encoded = {}
     for role, split in splits.items():
@@ -415,7 +459,7 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator) -> di
         dataset = load_eval_split(args, split, model)
         check_columns(dataset, {"label_column": args.label_column}, f"{args.dataset or BUILTIN}[{split}]")
         features, kept, skipped = encode_images(
-            model, image_processor, dataset, args.image_column, args.batch_size, accelerator
+            model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw
         )
         labels = torch.tensor(dataset.select(kept)[args.label_column], dtype=torch.long)
         encoded[role] = (features, labels, skipped)
@@ -443,7 +487,8 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
         raise ValueError(f"--task {args.task!r} is not one of {TASKS}.")
     if args.mask_draws < 1:
         raise ValueError(f"--mask_draws {args.mask_draws} is invalid: expected >= 1.")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(cpu=args.cpu)
+    check_launch(accelerator)
     model, tokenizer, image_processor = loaded or load_model_for_eval(args.model, accelerator.device)
     vision = model.config.vision_config
     strategy = vision.mask_strategy if args.mask_strategy is None else args.mask_strategy
@@ -451,9 +496,9 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     masked = args.mask_ratio > 0
     runs = []
     for draw in range(args.mask_draws if masked else 1):  # mask_ratio 0 = unmasked inference, one deterministic run
-        generator = _mask_generator(args.seed, draw, accelerator) if masked else None
-        with masked_inference(model, args.mask_ratio, strategy, sigma, generator=generator):
-            runs.append(RUNNERS[args.task](args, model, tokenizer, image_processor, accelerator))
+        mask_draw = MaskDraw(args.seed, draw, torch.Generator(device=accelerator.device)) if masked else None
+        with masked_inference(model, args.mask_ratio, strategy, sigma, mask_draw and mask_draw.generator):
+            runs.append(RUNNERS[args.task](args, model, tokenizer, image_processor, accelerator, mask_draw))
     result = {**runs[0], "metrics": _mean_metrics([run["metrics"] for run in runs])}
     if masked:
         result["metrics_std"] = _std_metrics([run["metrics"] for run in runs])
@@ -469,12 +514,6 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
         "seed": args.seed,
         **result,
     }
-
-
-def _mask_generator(seed: int, draw: int, accelerator: Accelerator) -> torch.Generator:
-    """The masks of one masked-inference draw: a function of ``--seed``, the draw and the process."""
-    generator = torch.Generator(device=accelerator.device)
-    return generator.manual_seed(derive_seed(seed, "eval-masks", draw, accelerator.process_index))
 
 
 def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -531,7 +570,8 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
     entries = spec.get("entries")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: needs a non-empty 'entries:' list of tasks.")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(cpu=args.cpu)
+    check_launch(accelerator)
     defaults = {**asdict(args), **{k: v for k, v in spec.items() if k != "entries"}, "suite": None}
     if args.model is not None:
         defaults["model"] = args.model  # the command line wins over the suite file

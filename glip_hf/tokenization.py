@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, CLIPTokenizer
@@ -130,8 +131,13 @@ def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None):
     """
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as error:
+        if Path(name_or_path).is_dir():
+            return None  # a local checkpoint folder without tokenizer files
+        raise FileNotFoundError(
+            f"tokenizer {name_or_path!r} could not be loaded ({error}); check the name or path, and that the Hub "
+            "is reachable unless it is cached."
+        ) from None
     if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
         return None
     if max_length is not None:
@@ -149,7 +155,12 @@ def load_or_train_tokenizer(
     """The tokenizer of ``name_or_path``; if there is no name, or (unless ``must_load``) the name holds no
     tokenizer, a BPE trained offline on ``texts()``."""
     if name_or_path is not None:
-        tokenizer = load_pretrained_tokenizer(name_or_path, max_length)
+        try:
+            tokenizer = load_pretrained_tokenizer(name_or_path, max_length)
+        except FileNotFoundError:
+            if must_load:
+                raise
+            tokenizer = None
         if tokenizer is not None:
             return tokenizer
         if must_load:
@@ -178,15 +189,31 @@ def pooling_matches(text_config, tokenizer) -> bool:
     return eos == text_config.eos_token_id
 
 
+def check_ends_with_eos(tokenizer, source: str) -> None:
+    """Raise a one-line ValueError unless encoding a text puts the end-of-text token at its end and nowhere before:
+    CLIP pools at the first end-of-text token (a tokenizer that never appends it, or that also opens texts with it,
+    as GPT-2's does, would pool every text at one position)."""
+    ids = tokenizer("a photo of a cat")["input_ids"]
+    eos = tokenizer.eos_token_id
+    if not ids or ids[-1] != eos or eos in ids[:-1]:
+        raise ValueError(
+            f"the tokenizer of {source} encodes 'a photo of a cat' as {ids} with eos_token_id={eos}: CLIP's text "
+            "tower pools at the first end-of-text token, so every text must end with it, once; use a tokenizer "
+            "whose post-processor appends it (CLIP's does), or drop --tokenizer_name to train one offline."
+        )
+
+
 def align_pooling_token(text_config, tokenizer, source: str) -> bool:
     """Make ``text_config`` pool at ``tokenizer``'s end-of-text token, or raise a one-line ValueError.
 
     Returns:
         True when ``text_config.eos_token_id`` was changed (remapped to the tokenizer's id).
     """
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        check_ends_with_eos(tokenizer, source)
     if pooling_matches(text_config, tokenizer):
         return False
-    eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(
             f"the tokenizer has no end-of-text token ({source}), and CLIP's text tower pools there; set its "
@@ -205,6 +232,7 @@ def align_pooling_token(text_config, tokenizer, source: str) -> bool:
 __all__ = [
     "align_pooling_token",
     "base_vocabulary",
+    "check_ends_with_eos",
     "learn_merges",
     "load_or_train_tokenizer",
     "load_pretrained_tokenizer",

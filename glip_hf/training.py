@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import json
 import math
-import os
 import time
 import warnings
 from collections import Counter
@@ -39,6 +38,7 @@ from .data import (
     make_image_processor,
     prepare_for_decoding,
 )
+from .launch import check_launch
 from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
@@ -191,12 +191,22 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def _encode(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image_embeds, text_embeds)``, each ``(B, D)``, L2-normalised, in at least float32 for the loss.
+
+    An empty micro-batch (every sample skipped) runs one placeholder row and keeps none of it: CLIP cannot run on
+    zero rows, and under DDP every process must run the model to take part in the gradient all-reduce."""
+    rows = batch["pixel_values"].shape[0]
+    if rows == 0:
+        batch = {
+            "pixel_values": batch["pixel_values"].new_zeros(1, *batch["pixel_values"].shape[1:]),  # (1, 3, S, S)
+            "input_ids": batch["input_ids"].new_zeros(1, batch["input_ids"].shape[1]),  # (1, L)
+            "attention_mask": batch["attention_mask"].new_ones(1, batch["attention_mask"].shape[1]),  # (1, L)
+        }
     out = model(
         input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"]
     )
-    # (B, D) each, L2-normalised; the loss runs in at least float32 (bf16/fp16 features are upcast).
-    dtype = torch.promote_types(out.image_embeds.dtype, torch.float32)
-    return out.image_embeds.to(dtype), out.text_embeds.to(dtype)
+    dtype = torch.promote_types(out.image_embeds.dtype, torch.float32)  # bf16/fp16 features are upcast
+    return out.image_embeds[:rows].to(dtype), out.text_embeds[:rows].to(dtype)
 
 
 def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerator: Accelerator) -> torch.Tensor:
@@ -230,18 +240,6 @@ def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerat
     return loss.detach()
 
 
-def _check_launch(accelerator: Accelerator) -> None:
-    """Stop when the launcher started more processes than Accelerate joined: on a machine without GPUs,
-    ``accelerate launch --multi_gpu`` without ``--cpu true`` gives N independent single-process runs that would
-    train the same model N times and write the same files."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise ValueError(
-            f"{launched} processes were launched but Accelerate joined {accelerator.num_processes} "
-            f"({accelerator.distributed_type}); on a machine without GPUs pass --cpu true."
-        )
-
-
 def _print_config(accelerator: Accelerator, values: dict[str, Any], output_dir: Path) -> None:
     if accelerator.is_main_process:
         text = yaml.safe_dump(values, sort_keys=False)
@@ -261,7 +259,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training_args.seed),
         step_scheduler_with_optimizer=False,
     )
-    _check_launch(accelerator)
+    check_launch(accelerator)
     output_dir.mkdir(parents=True, exist_ok=True)
     _print_config(accelerator, to_flat_dict(model_args, data_args, training_args), output_dir)
     set_seed(training_args.seed)

@@ -191,7 +191,9 @@ def test_suite_writes_markdown_and_csv(saved_model_dir, eval_dataset, tmp_path):
 
 
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
+    # Masked inference: images and texts sharded, and masks seeded per batch, not per process.
     common = ["--model", str(saved_model_dir), "--dataset", eval_dataset, "--batch_size", "5"]
+    common += ["--mask_ratio", "0.5", "--mask_draws", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
         [sys.executable, str(ROOT / "run_eval.py"), *common, "--output", str(tmp_path / "one.json")],
@@ -199,11 +201,14 @@ def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_datase
         env=env,
         timeout=300,
     )
-    launch_two_processes(ROOT / "run_eval.py", *common, "--output", tmp_path / "two.json", port=29535)
+    # --cpu true: without it, Accelerate on a GPU-less machine joins neither process and the launch is refused.
+    launch_two_processes(ROOT / "run_eval.py", *common, "--cpu", "true", "--output", tmp_path / "two.json", port=29535)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["num_samples"] == two["num_samples"] == 24
     # Sharding changes float32 batch composition, which can flip a near-tied image: allow one image, no more.
     assert one["metrics"] == pytest.approx(two["metrics"], abs=1 / 24 + 1e-9)
+    for draw_one, draw_two in zip(one["metrics_per_draw"], two["metrics_per_draw"]):
+        assert draw_one == pytest.approx(draw_two, abs=1 / 24 + 1e-9)
 
 
 # ------------------------------------------------------------------------------- correctness regressions (issue 7)
@@ -302,6 +307,13 @@ def test_retrieval_counts_and_warns_about_duplicate_captions(saved_model_dir, ev
     shared = sum(1 for captions in test["captions"] for caption in captions if len(owners[caption]) > 1)
     assert shared > 0 and result["num_duplicate_captions"] == shared
     assert result["num_texts"] == sum(len(c) for c in test["captions"])
+
+
+def test_captions_that_differ_only_in_case_or_spacing_count_as_shared(tokenizer):
+    from glip_hf.evaluation import count_shared_captions
+
+    texts = ["A red circle.", "a red circle.", "a  red   circle. ", "a blue star", "a blue star"]
+    assert count_shared_captions(tokenizer, texts, [0, 1, 2, 3, 3], max_length=32) == 3  # the star: one image
 
 
 def test_evaluating_a_model_without_tokenizer_is_a_one_line_error(saved_model_dir, tmp_path):

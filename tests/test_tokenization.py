@@ -81,5 +81,8 @@ def test_checkpoint_without_tokenizer_files_is_missing_not_empty(tmp_path, model
     tokenizer.save_pretrained(export)
     loaded = load_pretrained_tokenizer(str(export))
     assert loaded is not None and loaded.get_vocab() == tokenizer.get_vocab()
-    with pytest.raises(FileNotFoundError, match="tokenizer_name"):
+    with pytest.raises(FileNotFoundError, match="nothing-here' could not be loaded"):
         load_or_train_tokenizer(str(tmp_path / "nothing-here"), caption_corpus, must_load=True)
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="tokenizer_name .*empty-folder' holds no tokenizer"):
+        load_or_train_tokenizer(str(tmp_path / "empty-folder"), caption_corpus, must_load=True)

@@ -449,6 +449,38 @@ def roberta_layout_tokenizer():
     )
 
 
+def _word_level_tokenizer(template: str, eos: str):
+    """A word-level tokenizer with ``[PAD]`` 0, ``<s>`` 1, ``</s>`` 3 and a post-processing ``template``."""
+    from conftest import caption_corpus
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for text in caption_corpus() for w in text.replace(".", " .").split()} | {"cat"})
+    vocab = {"[PAD]": 0, "<s>": 1, "[UNK]": 2, "</s>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        backend.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[("<s>", 1), ("</s>", 3)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token=eos, pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+@pytest.mark.parametrize(
+    "template, eos",
+    [("", "</s>"), ("</s> $A </s>", "</s>"), ("<s> $A", "</s>")],
+    ids=["never-appended", "also-first", "bos-only"],
+)
+def test_a_tokenizer_that_does_not_end_texts_with_its_eos_is_rejected(template, eos):
+    from glip_hf.training import build_model
+
+    with pytest.raises(ValueError, match="end-of-text"):
+        build_model(_model_args(), _word_level_tokenizer(template, eos))
+    build_model(_model_args(), _word_level_tokenizer("<s> $A </s>", "</s>"))  # the same words, ended right
+
+
 def test_a_tokenizer_whose_eos_is_2_is_rejected():
     from glip_hf.training import build_model
 
@@ -491,16 +523,31 @@ def test_openai_layout_with_eos_as_the_largest_id_keeps_working(tmp_path, tokeni
     assert _pooled_positions(model, ids["input_ids"]) == _first_eos(ids["input_ids"], openai.eos_token_id)
 
 
-def test_micro_batches_whose_rows_are_all_skipped_do_not_stop_the_run(tmp_path):
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_micro_batches_whose_rows_are_all_skipped_do_not_stop_the_run(tmp_path, accumulation):
     from datasets_util import make_sparse_caption_dataset
 
     path = make_sparse_caption_dataset(tmp_path / "sparse", good=4, missing=8)
     flags = ["--dataset_name", str(path), "--per_device_train_batch_size", "2", "--num_train_epochs", "2"]
-    result = run(tmp_path, *flags)
-    assert result.steps == 12
+    result = run(tmp_path, *flags, "--gradient_accumulation_steps", accumulation)
+    assert result.steps == 12 // int(accumulation)
     assert result.skipped["missing_caption"] == 16  # 8 rows a epoch, 2 epochs
     summary = json.loads((result.output_dir / "train_summary.json").read_text())
-    assert summary["num_skipped"] == 16 and summary["empty_steps"] >= 1
+    assert summary["num_skipped"] == 16
+    if accumulation == "1":
+        assert summary["empty_steps"] >= 1
+
+
+def test_a_process_whose_micro_batch_is_empty_keeps_step_with_the_others(tmp_path):
+    from datasets_util import make_sparse_caption_dataset
+
+    path = make_sparse_caption_dataset(tmp_path / "sparse", good=4, missing=8)
+    out = tmp_path / "out"
+    flags = [*TINY, "--dataset_name", path, "--per_device_train_batch_size", "2", "--num_train_epochs", "2"]
+    flags += ["--output_dir", out, "--cache_dir", tmp_path / "cache"]
+    launch_two_processes(ROOT / "run_pretraining.py", *flags, port=29538, cwd=tmp_path)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["num_skipped"] == 16
 
 
 def test_streamed_rows_get_distinct_augmentation_with_dataloader_workers(tmp_path, tokenizer):
