@@ -2,13 +2,15 @@
 
 The real path is ``AutoTokenizer.from_pretrained(name_or_path)``; the offline BPE is what the built-in default run
 and the tests use when no pretrained tokenizer can be downloaded. Like CLIP's own BPE it covers every byte (each byte
-alone and word-final), so no input ever maps to an unknown token, let alone to ``<|endoftext|>``, where CLIP pools.
+alone and word-final), so no word maps to an unknown token, let alone to ``<|endoftext|>``, where CLIP pools (only the
+literal special-token texts, such as ``"<|endoftext|>"`` typed into a caption, encode as those tokens, as in CLIP).
 Training is deterministic: merges are chosen by count, ties broken by the pair itself, never by hash order.
 """
 
 from __future__ import annotations
 
 import heapq
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -168,6 +170,11 @@ def load_or_train_tokenizer(
                 f"tokenizer_name {name_or_path!r} holds no tokenizer (no tokenizer files, or special tokens only); "
                 "check --tokenizer_name, or drop it to train one offline."
             )
+        warnings.warn(
+            f"{name_or_path} holds no tokenizer: training a BPE offline, whose ids do not match the text embeddings "
+            "a pretrained checkpoint learned; pass its own tokenizer with --tokenizer_name if it has one.",
+            stacklevel=2,
+        )
     return train_clip_tokenizer(texts(), vocab_size=vocab_size, model_max_length=max_length)
 
 

@@ -72,7 +72,8 @@ def test_vocabulary_too_small_for_bytes_is_a_clear_error():
 
 def test_checkpoint_without_tokenizer_files_is_missing_not_empty(tmp_path, model, tokenizer):
     export = glip_hf.export_to_clip(model, tmp_path / "clip-export")  # config + weights, no tokenizer files
-    trained = load_or_train_tokenizer(str(export), caption_corpus, vocab_size=600, max_length=16)
+    with pytest.warns(UserWarning, match="holds no tokenizer: training a BPE offline"):
+        trained = load_or_train_tokenizer(str(export), caption_corpus, vocab_size=600, max_length=16)
     assert len(trained) > 515
     assert trained("a red circle")["input_ids"][1] not in (trained.eos_token_id, trained.unk_token_id)
     from glip_hf.tokenization import load_pretrained_tokenizer
