@@ -142,6 +142,9 @@ def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None):
         ) from None
     if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
         return None
+    # CLIP's text tower reads texts from position 0 and pools at the first end-of-text token, which is often also
+    # the padding token: padding on the left would pool a padded text at its padding.
+    tokenizer.padding_side = "right"
     if max_length is not None:
         tokenizer.model_max_length = min(tokenizer.model_max_length, max_length)
     return tokenizer

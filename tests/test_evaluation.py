@@ -338,3 +338,21 @@ def test_prompts_longer_than_the_text_context_are_truncated(saved_model_dir):
     template = "a photo of a " + "very " * 60 + "{}."
     classifier = zero_shot_classifier(model, tokenizer, ["red circle", "blue star"], [template], 4, Accelerator())
     assert classifier.shape == (2, 16) and torch.isfinite(classifier).all()
+
+
+def test_a_left_padding_tokenizer_is_padded_on_the_right(saved_model_dir, tmp_path):
+    import shutil
+
+    from glip_hf.evaluation import encode_texts
+
+    left = tmp_path / "left"
+    shutil.copytree(saved_model_dir, left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    model, tokenizer, _ = load_model_for_eval(str(left))
+    alone = encode_texts(model, tokenizer, ["a red star"], 8, Accelerator())
+    batched = encode_texts(
+        model, tokenizer, ["a red star", "there is a small blue circle in the picture"], 8, Accelerator()
+    )
+    # The same text, batched with a longer one (so padded), keeps its embedding.
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
