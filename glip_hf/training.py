@@ -463,7 +463,8 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             batch = next(batches)
             skipped_local.update(batch.pop("skipped"))
             micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
-        if _global_rows(accelerator, micro_batches) == 0:
+        global_rows = _global_rows(accelerator, micro_batches)
+        if global_rows == 0:
             # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
             lr = run.scheduler.get_last_lr()[0]
             run.scheduler.step()
@@ -476,7 +477,7 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             lr = _optimizer_step(run)
         progress.step += 1
         bar.update(1)
-        window_images += sum(b["pixel_values"].shape[0] for b in micro_batches) * accelerator.num_processes
+        window_images += global_rows
         if progress.step % args.logging_steps == 0 or progress.step == run.total_steps:
             record = {
                 "step": progress.step,
