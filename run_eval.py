@@ -6,6 +6,7 @@
     python run_eval.py --model DIR --task linear_probe --dataset NAME --split test --train_split train
     python run_eval.py --suite configs/eval_suite.yaml --output eval_results/suite       # markdown + CSV table
     accelerate launch --multi_gpu --num_processes 4 run_eval.py --model DIR ...         # sharded across GPUs
+    accelerate launch --multi_gpu --num_processes 2 run_eval.py --cpu true ...         # two CPU processes
 
 `--help` lists every flag.
 """
