@@ -6,7 +6,8 @@
 - Patch masks in training: the global torch RNG, re-seeded per process with ``derive_seed(seed, "masks", rank)``
   once the model exists, so every process draws its own masks; its state is checkpointed per process.
 - Augmentation: a function of ``(seed, epoch, row index)`` in the collator, whichever worker builds the batch.
-- Masked inference in evaluation: a ``torch.Generator`` seeded with ``derive_seed(seed, "eval-masks", draw, rank)``.
+- Masked inference in evaluation: a ``torch.Generator`` re-seeded for every batch with
+  ``derive_seed(seed, "eval-masks", draw, first row of the batch)``, whatever the number of processes.
 """
 
 from __future__ import annotations
