@@ -282,19 +282,25 @@ def zero_shot_on_dataset(
     label_column: str,
     batch_size: int,
     accelerator: Accelerator,
-    mask_draw: MaskDraw | None = None,
-) -> dict[str, Any]:
-    """Zero-shot classification of ``dataset`` rows (images undecoded or decoded); counts and metrics."""
+    mask_draws: Sequence[MaskDraw | None] = (None,),
+) -> list[dict[str, Any]]:
+    """Zero-shot classification of ``dataset`` rows (images undecoded or decoded): counts and metrics for each mask
+    draw (one entry for unmasked inference). The class embeddings do not depend on the masks: encoded once."""
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates, batch_size, accelerator)
-    features, kept, skipped = encode_images(
-        model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw
-    )
-    labels = torch.tensor(dataset.select(kept)[label_column])
-    metrics = classification_metrics(features @ classifier.t().cpu(), labels, len(class_names))
-    return {"num_samples": len(kept), "num_skipped": skipped, "num_classes": len(class_names), "metrics": metrics}
+    results = []
+    for mask_draw in mask_draws:
+        features, kept, skipped = encode_images(
+            model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw
+        )
+        labels = torch.tensor(dataset.select(kept)[label_column])
+        metrics = classification_metrics(features @ classifier.t().cpu(), labels, len(class_names))
+        results.append(
+            {"num_samples": len(kept), "num_skipped": skipped, "num_classes": len(class_names), "metrics": metrics}
+        )
+    return results
 
 
-def run_zero_shot(args, model, tokenizer, image_processor, accelerator, mask_draw=None) -> dict[str, Any]:
+def run_zero_shot(args, model, tokenizer, image_processor, accelerator, mask_draws) -> list[dict[str, Any]]:
     dataset = load_eval_split(args, args.split, model)
     names, templates = class_names_and_templates(args, dataset)
     return zero_shot_on_dataset(
@@ -308,16 +314,19 @@ def run_zero_shot(args, model, tokenizer, image_processor, accelerator, mask_dra
         args.label_column,
         args.batch_size,
         accelerator,
-        mask_draw,
+        mask_draws,
     )
 
 
-def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_draw=None) -> dict[str, Any]:
+def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_draws) -> list[dict[str, Any]]:
+    """Retrieval metrics for each mask draw; the captions do not depend on the masks: encoded once."""
     dataset = load_eval_split(args, args.split, model)
     check_columns(dataset, {"caption_column": args.caption_column}, f"{args.dataset or BUILTIN}[{args.split}]")
-    features, kept, skipped = encode_images(
-        model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw
-    )
+    images = [
+        encode_images(model, image_processor, dataset, args.image_column, args.batch_size, accelerator, draw)
+        for draw in mask_draws
+    ]  # [(features (N_kept, D), kept, skipped)]; the same images decode (or not) in every draw
+    kept, skipped = images[0][1], images[0][2]
     texts, text_to_image = [], []
     for position, value in enumerate(dataset.select(kept)[args.caption_column]):
         captions = value if isinstance(value, (list, tuple)) else [value]
@@ -337,14 +346,12 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_dra
             stacklevel=2,
         )
     text_features = encode_texts(model, tokenizer, texts, args.batch_size, accelerator)
-    metrics = retrieval_metrics(text_features @ features.t(), torch.tensor(text_to_image))
-    return {
-        "num_samples": len(kept),
-        "num_skipped": skipped,
-        "num_texts": len(texts),
-        "num_duplicate_captions": duplicates,
-        "metrics": metrics,
-    }
+    counts = {"num_samples": len(kept), "num_skipped": skipped, "num_texts": len(texts)}
+    counts["num_duplicate_captions"] = duplicates
+    return [
+        {**counts, "metrics": retrieval_metrics(text_features @ features.t(), torch.tensor(text_to_image))}
+        for features, _, _ in images
+    ]
 
 
 def count_shared_captions(tokenizer, texts: Sequence[str], text_to_image: Sequence[int], max_length: int) -> int:
@@ -392,31 +399,29 @@ def search_probe_c(train, val, c_grid: Sequence[float] | None = None) -> tuple[f
     def best() -> float:
         return max(scores, key=lambda c: (scores[c], -c))
 
-    def score(log10_cs) -> None:
-        for log10_c in log10_cs:
-            c = float(10.0**log10_c)
+    def score(cs) -> None:
+        for c in map(float, cs):
             if c not in scores:
                 scores[c] = _probe_accuracy(c, train, val)
 
     if c_grid is not None:
-        for c in c_grid:
-            scores[float(c)] = _probe_accuracy(float(c), train, val)
+        score(c_grid)
         return best(), scores[best()]
     low, high = PROBE_LOG10_C[0], PROBE_LOG10_C[-1]
-    score(range(low, high + 1))
+    score(10.0**k for k in range(low, high + 1))
     while True:
         centre = math.log10(best())
         if round(centre) == low and low > PROBE_LOG10_C_LIMITS[0]:
             low -= 1
-            score([low])
+            score([10.0**low])
         elif round(centre) == high and high < PROBE_LOG10_C_LIMITS[1]:
             high += 1
-            score([high])
+            score([10.0**high])
         else:
             break
     for step in PROBE_REFINE_STEPS:
         centre = math.log10(best())
-        score([centre - step, centre + step])
+        score([10.0 ** (centre - step), 10.0 ** (centre + step)])
     return best(), scores[best()]
 
 
@@ -450,14 +455,22 @@ def fit_linear_probe(
     return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}, chosen
 
 
-def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_draw=None) -> dict[str, Any]:
+def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_draws) -> list[dict[str, Any]]:
+    """A probe fit on each mask draw's features (the splits are loaded once)."""
     splits = {"train": args.train_split, "test": args.split, "val": args.val_split}
-    encoded = {}
+    datasets_by_role = {}
     for role, split in splits.items():
         if split is None:
             continue
         dataset = load_eval_split(args, split, model)
         check_columns(dataset, {"label_column": args.label_column}, f"{args.dataset or BUILTIN}[{split}]")
+        datasets_by_role[role] = dataset
+    return [_linear_probe(args, model, image_processor, accelerator, datasets_by_role, d) for d in mask_draws]
+
+
+def _linear_probe(args, model, image_processor, accelerator, datasets_by_role, mask_draw) -> dict[str, Any]:
+    encoded = {}
+    for role, dataset in datasets_by_role.items():
         features, kept, skipped = encode_images(
             model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw
         )
@@ -494,11 +507,12 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     strategy = vision.mask_strategy if args.mask_strategy is None else args.mask_strategy
     sigma = vision.mask_sigma if args.mask_sigma is None else args.mask_sigma
     masked = args.mask_ratio > 0
-    runs = []
-    for draw in range(args.mask_draws if masked else 1):  # mask_ratio 0 = unmasked inference, one deterministic run
-        mask_draw = MaskDraw(args.seed, draw, torch.Generator(device=accelerator.device)) if masked else None
-        with masked_inference(model, args.mask_ratio, strategy, sigma, mask_draw and mask_draw.generator):
-            runs.append(RUNNERS[args.task](args, model, tokenizer, image_processor, accelerator, mask_draw))
+    # One generator for every draw: each batch re-seeds it from (seed, draw, first row). mask_ratio 0 = unmasked
+    # inference, one deterministic pass.
+    generator = torch.Generator(device=accelerator.device) if masked else None
+    draws = [MaskDraw(args.seed, draw, generator) for draw in range(args.mask_draws)] if masked else [None]
+    with masked_inference(model, args.mask_ratio, strategy, sigma, generator):
+        runs = RUNNERS[args.task](args, model, tokenizer, image_processor, accelerator, draws)
     result = {**runs[0], "metrics": _mean_metrics([run["metrics"] for run in runs])}
     if masked:
         result["metrics_std"] = _std_metrics([run["metrics"] for run in runs])

@@ -44,8 +44,9 @@ def _word_counts(texts: Iterable[str], splitter: CLIPTokenizer) -> Counter:
 def learn_merges(word_counts: Counter, num_merges: int, min_count: int = MIN_PAIR_COUNT) -> list[tuple[str, str]]:
     """Byte-pair merges, most frequent pair first; ties go to the smallest pair, so the result depends only on
     ``word_counts``. Words end in a ``</w>`` symbol, as CLIP's BPE expects."""
-    words = [[*word[:-1], word[-1] + WORD_END] for word in sorted(word_counts)]
-    counts = [word_counts[word] for word in sorted(word_counts)]
+    ordered = sorted(word_counts)
+    words = [[*word[:-1], word[-1] + WORD_END] for word in ordered]
+    counts = [word_counts[word] for word in ordered]
     pair_counts: Counter = Counter()
     pair_words: dict[tuple[str, str], set[int]] = defaultdict(set)
     for index, symbols in enumerate(words):
@@ -220,15 +221,14 @@ def align_pooling_token(text_config, tokenizer, source: str) -> bool:
         True when ``text_config.eos_token_id`` was changed (remapped to the tokenizer's id).
     """
     eos = tokenizer.eos_token_id
-    if eos is not None:
-        check_ends_with_eos(tokenizer, source)
-    if pooling_matches(text_config, tokenizer):
-        return False
     if eos is None:
         raise ValueError(
             f"the tokenizer has no end-of-text token ({source}), and CLIP's text tower pools there; set its "
             "eos_token (and add it at the end of every text), or drop --tokenizer_name to train one offline."
         )
+    check_ends_with_eos(tokenizer, source)
+    if pooling_matches(text_config, tokenizer):
+        return False
     if eos == LEGACY_EOS_ID:
         raise ValueError(
             f"the tokenizer's eos_token_id={eos} cannot be pooled by CLIP's text tower ({source}): id 2 means "

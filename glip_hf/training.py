@@ -586,7 +586,7 @@ def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, t
         label,
         training_args.eval_batch_size,
         accelerator,
-    )
+    )[0]
     chance = 1.0 / len(feature.names)
     top1 = result["metrics"]["top1"]
     accelerator.print(
