@@ -8,20 +8,19 @@
     accelerate launch --multi_gpu --num_processes 4 run_eval.py --model DIR ...         # sharded across GPUs
     accelerate launch --multi_gpu --num_processes 2 run_eval.py --cpu true ...         # two CPU processes
 
-`--help` lists every flag.
+`--help` lists every flag. A bad setting stops with one line naming it (exit status 2); `--debug` shows the traceback.
 """
 
 import json
 from pathlib import Path
 
-from transformers import HfArgumentParser
-
-from glip_hf.arguments import EvalArguments
+from glip_hf.arguments import parse_eval_args
+from glip_hf.cli import run_cli
 from glip_hf.evaluation import evaluate_model, run_suite, summary_line
 
 
-def main() -> None:
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses()
+def evaluate(argv: list[str]) -> None:
+    args = parse_eval_args(argv)
     if args.suite:
         run_suite(args)
         return
@@ -30,6 +29,11 @@ def main() -> None:
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run with ``argv`` (default: the command line); user errors exit with one line on stderr."""
+    run_cli(evaluate, argv, prog=Path(__file__).name)
 
 
 if __name__ == "__main__":

@@ -2,19 +2,32 @@
 
 ``python run_pretraining.py --config configs/glip_vitb16_75.yaml --learning_rate 5e-4`` reads the YAML (flat, or
 grouped under ``model:`` / ``data:`` / ``training:``) and lets every flag override it. Unknown keys are errors that
-name the key and the file.
+name the key and the file; so are values of the wrong type (each YAML value is converted to its field's type:
+``learning_rate: 1e-3``, which YAML reads as a string, is the float 0.001).
+
+Every value that can be checked without loading data or a model is checked here (``validate_run_args``,
+``validate_eval_args``), so a bad configuration stops before a run starts, with one line naming the field and the fix.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import difflib
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from accelerate.utils import LoggerType
 from transformers import HfArgumentParser
+
+from .configuration_glip import MASKING_FIELDS, GLIPVisionConfig
+from .synthetic import PLACEMENTS
+from .tokenization import base_vocabulary
+from .tracking import resolve_report_to
 
 
 @dataclass
@@ -42,6 +55,9 @@ class ModelArguments:
     mask_strategy: str | None = field(default=None, metadata={"help": "gaussian (GLIP) or random (FLIP)"})
     mask_sigma: float | None = field(default=None, metadata={"help": "GLIP sigma (covariance diagonal)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "allow init_from / tokenizer_name to run code from their folder or repo"}
+    )
 
 
 @dataclass
@@ -101,7 +117,19 @@ class TrainingArguments:
     unmasked_tuning_learning_rate: float = 1e-5
     save_steps: int = 500
     save_total_limit: int = 2
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, or a checkpoint directory"})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "latest (error if none), auto (latest if any, else start: for requeued jobs) or a directory"
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace an earlier run in output_dir (its checkpoints and metrics)"}
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={"help": "stop after this many consecutive steps with a non-finite loss or gradient (each skipped)"},
+    )
     logging_steps: int = 10
     report_to: str = field(default="auto", metadata={"help": "auto (tensorboard if installed), none, or a,b list"})
     eval_at_end: bool = True
@@ -149,89 +177,265 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "seeds the masks of masked inference and the probe's split"})
     cache_dir: str = ".cache/glip-hf"
     cpu: bool = field(default=False, metadata={"help": "run on the CPU (several processes on a GPU-less machine)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the model's folder or repo to run code"})
     output: str | None = field(default=None, metadata={"help": "JSON result file (suite: base of .md/.csv)"})
     suite: str | None = field(default=None, metadata={"help": "YAML list of (task, dataset, ...) entries"})
+
+
+# Choices of string fields that no loaded object is needed to check.
+LOSSES = ("clip", "siglip")
+MIXED_PRECISIONS = (None, "no", "bf16", "fp16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+RESUME_KEYWORDS = ("latest", "auto")
+TRACKERS = tuple(tracker.value for tracker in LoggerType)
+# Numeric bounds of a run, as (fields, test, what is expected); a field left None (optional) passes.
+_RUN_BOUNDS = (
+    (
+        (
+            "image_size",
+            "patch_size",
+            "vision_hidden_size",
+            "vision_layers",
+            "vision_heads",
+            "vision_intermediate_size",
+            "text_hidden_size",
+            "text_layers",
+            "text_heads",
+            "text_intermediate_size",
+            "max_text_length",
+            "projection_dim",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "eval_batch_size",
+            "save_steps",
+            "save_total_limit",
+            "logging_steps",
+            "max_nonfinite_steps",
+            "shuffle_buffer_size",
+            "max_train_samples",
+            "synthetic_num_train",
+            "synthetic_num_test",
+        ),
+        lambda v: v >= 1,
+        "an integer >= 1",
+    ),
+    (("num_workers", "warmup_steps", "unmasked_tuning_steps"), lambda v: v >= 0, "an integer >= 0"),
+    (
+        ("learning_rate", "unmasked_tuning_learning_rate", "adam_epsilon", "max_grad_norm"),
+        lambda v: 0 < v < math.inf,
+        "a finite number > 0",
+    ),
+    (("weight_decay",), lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    (("warmup_ratio", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+)
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_EXPECTED_TYPE = {bool: "true or false", int: "an integer", float: "a number (such as 0.001 or 1e-3)", str: "a string"}
+_HUB_ID = re.compile(r"^[\w-][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name": may be a Hub repository
+
+
+class _Parser(HfArgumentParser):
+    """``HfArgumentParser`` whose command-line mistakes (a bad value for a flag's type, a missing value) are one-line
+    ValueErrors, which the scripts print as one line, instead of argparse's usage block listing every flag. ``--help``
+    lists ``--debug``, which the scripts take off the command line before parsing (``glip_hf.cli.run_cli``)."""
+
+    def __init__(self, dataclass_types: Any = None, **kwargs: Any):
+        super().__init__(dataclass_types, **kwargs)
+        if self.add_help:
+            self.add_argument(
+                "--debug", action="store_true", help="on an error, show the traceback (or GLIP_HF_DEBUG=1)"
+            )
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.endswith("expected one argument"):  # argparse takes -1e-3 for a flag
+            message += " (give a value that starts with '-' as --flag=-1e-3)"
+        raise ValueError(f"{message.rstrip('.')}; see --help for the flags and their types.")
+
+
+def _one_of(choices: tuple[str | None, ...]) -> str:
+    names = [str(choice) for choice in choices if choice is not None]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _did_you_mean(names: list[str], known: set[str], prefix: str = "") -> str:
+    close = [difflib.get_close_matches(name.lstrip("-"), known, n=1) for name in names]
+    guesses = [prefix + guess[0] for guess in close if guess]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def _flatten_yaml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("model", "data", "training") and isinstance(value, dict):
-            values.update(value)
+        if key in ("model", "data", "training") and (isinstance(value, dict) or value is None):
+            values.update(value or {})
         else:
             values[key] = value
     known = {f.name for cls in RUN_SECTIONS for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(key) for key in set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; see `run_pretraining.py --help` for the valid ones.")
+        raise ValueError(
+            f"{path}: unknown key(s) {unknown}{_did_you_mean(unknown, known)}; "
+            "see `run_pretraining.py --help` for the valid ones."
+        )
     return values
 
 
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "unreadable YAML"
+        raise ValueError(f"{path}: {problem}{where}; fix the YAML syntax.") from None
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` (bool, int, float or str); ValueError if it is not one. A YAML boolean is never taken
+    as a number or a string (``mixed_precision: no`` is ``False`` to YAML)."""
+    if isinstance(value, bool) or kind is bool:
+        if isinstance(value, bool) and kind is bool:
+            return value
+        if kind is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise ValueError(value)
+    if kind is str and isinstance(value, (str, int, float)):
+        return str(value)
+    if kind is float and isinstance(value, (int, float, str)):
+        return float(value)  # YAML reads 1e-3 (no dot) as a string
+    if kind is int and isinstance(value, int):
+        return value
+    if kind is int and isinstance(value, (float, str)) and float(value).is_integer():
+        return int(float(value))
+    raise ValueError(value)
+
+
+def _coerce_yaml_value(key: str, value: Any, hint: Any, path: Path) -> Any:
+    """A YAML value as its field's type ``hint`` (``T`` or ``T | None``); a one-line ValueError if it is not one."""
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)] or [hint]
+    optional = type(None) in typing.get_args(hint)
+    if value is None and optional:
+        return None
+    try:
+        return _convert(value, kinds[0])
+    except (TypeError, ValueError):
+        expected = _EXPECTED_TYPE[kinds[0]] + (" or null" if optional else "")
+        if kinds[0] is str and isinstance(value, bool):
+            expected += " (quote it: YAML reads yes, no, on, off unquoted as true or false)"
+        raise ValueError(f"{path}: {key}={value!r} is invalid: expected {expected}.") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Flat ``{field: value}`` from a run-config YAML (sections ``model`` / ``data`` / ``training`` optional)."""
+    """Flat ``{field: value}`` from a run-config YAML (sections ``model`` / ``data`` / ``training`` optional), each
+    value converted to its field's type."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass --config with an existing YAML file.")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _read_yaml(path)
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a run config must be a mapping of field: value.")
-    return _flatten_yaml(raw, path)
+        raise ValueError(
+            f"{path}: a run config must be a mapping of field: value, not a {type(raw).__name__}; "
+            "write one `field: value` per line."
+        )
+    types = {name: hint for cls in RUN_SECTIONS for name, hint in typing.get_type_hints(cls).items()}
+    return {key: _coerce_yaml_value(key, value, types[key], path) for key, value in _flatten_yaml(raw, path).items()}
 
 
 def parse_run_args(
     argv: list[str] | None = None, default_config: str | Path | None = None
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse ``[--config FILE] [--field value ...]``: dataclass defaults, then the YAML, then the flags."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """Parse ``[--config FILE] [--field value ...]``: dataclass defaults, then the YAML, then the flags; validated."""
+    pre = _Parser(add_help=False)
     pre.add_argument("--config", default=default_config)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(RUN_SECTIONS)
+    parser = _Parser(RUN_SECTIONS)
     parser.add_argument("--config", default=default_config, help="run-config YAML (default: the built-in run)")
     if known.config is not None:
         parser.set_defaults(**load_yaml(known.config))
     *sections, remaining = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
     if remaining:
-        raise ValueError(f"unknown argument(s) {remaining}; see `run_pretraining.py --help`.")
+        flags = {f.name for cls in RUN_SECTIONS for f in dataclasses.fields(cls)}
+        raise ValueError(
+            f"unknown argument(s) {remaining}{_did_you_mean(remaining[:1], flags, '--')}; "
+            "see `run_pretraining.py --help` for the valid flags."
+        )
     model_args, data_args, training_args = sections[:3]
     validate_run_args(model_args, data_args, training_args)
     return model_args, data_args, training_args
 
 
 def validate_run_args(model: ModelArguments, data: DataArguments, training: TrainingArguments) -> None:
-    """One-line ValueErrors for values no run can use."""
-    _require(training.loss in ("clip", "siglip"), "loss", training.loss, "clip or siglip")
+    """One-line errors for values no run can use, found before any data or model is loaded."""
+    values = to_flat_dict(model, data, training)
+    for names, test, expected in _RUN_BOUNDS:
+        for name in names:
+            _require(values[name] is None or test(values[name]), name, values[name], expected)
+    _require(training.loss in LOSSES, "loss", training.loss, _one_of(LOSSES))
     _require(
-        training.per_device_train_batch_size >= 1,
-        "per_device_train_batch_size",
-        training.per_device_train_batch_size,
-        ">= 1",
-    )
-    _require(
-        training.gradient_accumulation_steps >= 1,
-        "gradient_accumulation_steps",
-        training.gradient_accumulation_steps,
-        ">= 1",
-    )
-    _require(training.learning_rate > 0, "learning_rate", training.learning_rate, "> 0")
-    _require(training.unmasked_tuning_steps >= 0, "unmasked_tuning_steps", training.unmasked_tuning_steps, ">= 0")
-    _require(training.save_total_limit >= 1, "save_total_limit", training.save_total_limit, ">= 1")
-    _require(
-        training.mixed_precision in (None, "no", "bf16", "fp16"),
+        training.mixed_precision in MIXED_PRECISIONS,
         "mixed_precision",
         training.mixed_precision,
-        "no, bf16 or fp16",
+        _one_of(MIXED_PRECISIONS),
     )
+    _require(
+        model.attn_implementation in ATTN_IMPLEMENTATIONS,
+        "attn_implementation",
+        model.attn_implementation,
+        _one_of(ATTN_IMPLEMENTATIONS),
+    )
+    placement = data.synthetic_placement
+    _require(placement in PLACEMENTS, "synthetic_placement", placement, _one_of(PLACEMENTS))
+    _check_masking(model)
+    _check_report_to(training.report_to)
+    _check_model_shape(model)
+    _check_schedule(data, training)
+    _check_run_paths(model, data, training)
+
+
+def _check_masking(args: ModelArguments | EvalArguments) -> None:
+    """mask_ratio / mask_strategy / mask_sigma by the rules of ``GLIPVisionConfig`` (None: the model's own)."""
+    GLIPVisionConfig(**{name: getattr(args, name) for name in MASKING_FIELDS if getattr(args, name) is not None})
+
+
+def _check_report_to(value: str) -> None:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    _require(
+        value in ("auto", "none") or (names and all(name in TRACKERS for name in names)),
+        "report_to",
+        value,
+        f"auto, none, or a comma-separated list of Accelerate trackers {list(TRACKERS)}",
+    )
+    resolve_report_to(value)  # a named tracker that is not installed
+
+
+def _check_model_shape(model: ModelArguments) -> None:
     _require(
         model.image_size % model.patch_size == 0,
         "image_size",
         model.image_size,
         f"a multiple of patch_size={model.patch_size}",
     )
+    for tower in ("vision", "text"):
+        hidden, heads = getattr(model, f"{tower}_hidden_size"), getattr(model, f"{tower}_heads")
+        _require(hidden % heads == 0, f"{tower}_hidden_size", hidden, f"a multiple of {tower}_heads={heads}")
+    if model.tokenizer_name is None and model.init_from is None:  # the byte-level BPE is trained
+        base = len(base_vocabulary())
+        _require(
+            model.tokenizer_vocab_size >= base,
+            "tokenizer_vocab_size",
+            model.tokenizer_vocab_size,
+            f">= {base}, the byte-level BPE's base tokens (3 special, 512 byte symbols), plus merges: e.g. 1024",
+        )
+
+
+def _check_schedule(data: DataArguments, training: TrainingArguments) -> None:
+    epochs = training.num_train_epochs
     _require(
-        0 < data.crop_scale_min <= data.crop_scale_max <= 1,
-        "crop_scale_min",
-        data.crop_scale_min,
-        "0 < crop_scale_min <= crop_scale_max <= 1",
+        training.max_steps > 0 or 0 < epochs < math.inf,
+        "num_train_epochs",
+        epochs,
+        "a finite number > 0 (or set --max_steps)",
     )
     _require(
         not data.streaming or training.max_steps > 0,
@@ -239,6 +443,80 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
         training.max_steps,
         "> 0 with --streaming (a stream has no length)",
     )
+    _require(
+        0 < data.crop_scale_min <= data.crop_scale_max <= 1,
+        "crop_scale_min",
+        data.crop_scale_min,
+        "0 < crop_scale_min <= crop_scale_max <= 1",
+    )
+
+
+def _check_run_paths(model: ModelArguments, data: DataArguments, training: TrainingArguments) -> None:
+    for name, value in (
+        ("init_from", model.init_from),
+        ("tokenizer_name", model.tokenizer_name),
+        ("dataset_name", data.dataset_name),
+        ("data_dir", data.data_dir),
+        ("data_files", data.data_files),
+    ):
+        _require_local_path(name, value, hub=name != "data_dir")
+    resume = training.resume_from_checkpoint
+    if resume and resume not in RESUME_KEYWORDS and not Path(resume).is_dir():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={resume} does not exist; pass latest, auto or a checkpoints/checkpoint-<step> "
+            "directory."
+        )
+
+
+def _require_local_path(name: str, value: str | None, hub: bool) -> None:
+    """A value that can only be a local path (absolute, ``./``, ``~``, or several ``/``) must exist; ``name`` or
+    ``org/name`` may be a Hub id or a builder, globs and URLs are for the loader to resolve. ``hub``: the field also
+    takes a Hub id (said in the message)."""
+    if value is None or "://" in value or any(char in value for char in "*?["):
+        return
+    local = value.startswith((".", "/", "~")) or not _HUB_ID.match(value)
+    if local and not Path(value).expanduser().exists():
+        alternative = " (or a Hub id)" if hub else ""
+        raise FileNotFoundError(f"{name}={value} does not exist; pass an existing path{alternative}.")
+
+
+def parse_eval_args(argv: list[str] | None = None) -> EvalArguments:
+    """``run_eval.py``'s flags as ``EvalArguments``, validated."""
+    parser = _Parser(EvalArguments)
+    args, _, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)  # _: --debug
+    if remaining:
+        flags = {f.name for f in dataclasses.fields(EvalArguments)}
+        raise ValueError(
+            f"unknown argument(s) {remaining}{_did_you_mean(remaining[:1], flags, '--')}; "
+            "see `run_eval.py --help` for the valid flags."
+        )
+    validate_eval_args(args)
+    return args
+
+
+def validate_eval_args(args: EvalArguments) -> None:
+    """One-line errors for evaluation settings no run can use, found before the model or data is loaded."""
+    from .evaluation import TASKS  # evaluation imports this module
+
+    _require(args.task in TASKS, "task", args.task, _one_of(TASKS))
+    _check_masking(args)
+    for name in ("mask_draws", "batch_size", "max_samples"):
+        value = getattr(args, name)
+        _require(value is None or value >= 1, name, value, "an integer >= 1")
+    _require(
+        0 < args.linear_probe_val_fraction < 1,
+        "linear_probe_val_fraction",
+        args.linear_probe_val_fraction,
+        "a number in (0, 1)",
+    )
+    for name in ("class_names", "templates", "suite"):
+        value = getattr(args, name)
+        if value is not None and not Path(value).is_file():
+            raise FileNotFoundError(f"{name}={value} is not a file; pass an existing file.")
+    for name in ("model", "dataset", "data_dir", "data_files"):
+        _require_local_path(name, getattr(args, name), hub=name in ("model", "dataset"))
+    if args.output is not None and args.suite is None and Path(args.output).is_dir():
+        raise IsADirectoryError(f"output={args.output} is a directory; pass a file path such as results.json.")
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -1,23 +1,32 @@
 """Image-caption data: any HF dataset (name, local path, imagefolder, parquet, webdataset, streaming) to batches.
 
 A row goes through: decode image -> RandomResizedCrop -> normalise; pick a caption -> tokenize; collate. Images are
-decoded here rather than by ``datasets`` so that a corrupt file is skipped and counted instead of crashing the run.
+decoded here rather than by ``datasets`` so that a corrupt file is skipped and counted (by reason, ``SKIP_REASONS``)
+instead of crashing the run, while odd but valid images (EXIF-rotated, 16-bit, CMYK, transparent, palette, tiny or
+extreme aspect ratios) are converted to what they show (`to_rgb`). Local webdataset shards are checked before
+``datasets`` reads them, so that a shard cut short loses only its tail (`check_webdataset_shards`).
 Augmentation randomness is derived from ``(seed, epoch, sample index)``, so a batch is the same whichever worker
 builds it and whenever (a resumed run sees the very same pixels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
+import os
 import random
+import tarfile
+import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from .arguments import DataArguments
 
@@ -30,7 +39,10 @@ def _looks_like_saved_dataset(path: Path) -> bool:
 
 def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset | datasets.IterableDataset:
     """Load ``split`` of ``args.dataset_name``: a Hub name, a ``save_to_disk`` folder, or a builder such as
-    ``imagefolder`` / ``parquet`` / ``webdataset`` with ``data_dir`` / ``data_files``."""
+    ``imagefolder`` / ``parquet`` / ``webdataset`` with ``data_dir`` / ``data_files``.
+
+    ``webdataset`` with local ``.tar`` ``data_files`` goes through `check_webdataset_shards` first: damaged shards
+    are read up to the damage (with a warning naming each), and samples lacking a member load with None there."""
     name = args.dataset_name
     if name is not None and Path(name).is_dir() and _looks_like_saved_dataset(Path(name)):
         loaded = datasets.load_from_disk(name)
@@ -39,21 +51,203 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
                 raise ValueError(f"split {split!r} not in {name}; it has {sorted(loaded)}.")
             loaded = loaded[split]
         return loaded.to_iterable_dataset() if args.streaming else loaded
-    data_files = args.data_files
+    data_files, data_dir, features = args.data_files, args.data_dir, None
     if data_files is not None and not any(ch in data_files for ch in "*?[") and not Path(data_files).exists():
         raise FileNotFoundError(f"data_files {data_files} does not exist; pass an existing file or a glob.")
+    if name == "webdataset" and data_files is not None:
+        checked = check_webdataset_shards(data_files, data_dir, Path(args.cache_dir) / "datasets" / "repaired-shards")
+        if checked is not None:
+            (data_files, features), data_dir = checked, None
     try:
         return datasets.load_dataset(
             name,
             args.dataset_config_name,
-            data_dir=args.data_dir,
+            data_dir=data_dir,
             data_files=data_files,
             split=split,
             streaming=args.streaming,
             cache_dir=str(Path(args.cache_dir) / "datasets"),
+            features=features,
         )
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise FileNotFoundError(f"dataset {name!r} could not be loaded ({error}); check --dataset_name.") from None
+
+
+# ------------------------------------------------------------------------------------------- webdataset shards
+
+TAR_BLOCK = 512
+END_OF_ARCHIVE = 2 * TAR_BLOCK  # a tar archive ends with two zero blocks
+# Column types of webdataset members, by extension, as datasets' WebDataset builder decodes them.
+WEBDATASET_TEXT_EXTENSIONS = ("txt", "text", "transcript")
+WEBDATASET_INT_EXTENSIONS = ("cls", "cls2", "index", "inx", "id")
+
+
+@dataclass
+class TarShardCheck:
+    """What `check_tar_shard` found in one ``.tar`` shard.
+
+    ``intact``: every member is whole and nothing unreadable follows the last one. Otherwise ``members`` regular
+    members (``samples`` webdataset samples) are whole, and ``data_end`` is the byte just past the last one's data.
+    """
+
+    path: Path
+    intact: bool
+    members: int = 0
+    samples: int = 0
+    data_end: int = 0
+
+
+def check_tar_shard(path: Path) -> TarShardCheck:
+    """Whether a local ``.tar`` shard is whole, reading tar headers only.
+
+    A shard that ends in an end-of-archive marker (its last 1024 bytes zero) is taken as whole without reading more,
+    so checking thousands of shards costs one small read each. Any other shard has its headers walked (``tarfile``
+    seeks over member data) up to the first member whose data runs past the end of the file, a header that does not
+    parse, or the end; it is whole only when nothing but zero padding follows its last member. (A cut that leaves
+    1024 zero bytes of member data, block-aligned, at the end would pass for whole; datasets then raises as before.)
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size >= END_OF_ARCHIVE and size % TAR_BLOCK == 0:
+            handle.seek(size - END_OF_ARCHIVE)
+            if not any(handle.read(END_OF_ARCHIVE)):
+                return TarShardCheck(path, intact=True)
+        members, data_end, keys, clean_end = 0, 0, [], False
+        try:
+            with tarfile.open(path, "r:") as tar:
+                while (info := tar.next()) is not None:
+                    if info.offset_data + info.size > size:  # the header promises data the file no longer holds
+                        break
+                    data_end = info.offset_data + info.size
+                    if info.isreg():
+                        members += 1
+                        keys.append(_webdataset_key(info.name)[0])
+                else:  # tarfile stopped at a zero block, the end of the file or a header it cannot parse
+                    handle.seek(data_end + -data_end % TAR_BLOCK)
+                    block = handle.read(TAR_BLOCK)  # whole only if a zero block follows: the end-of-archive marker
+                    clean_end = len(block) == TAR_BLOCK and not any(block)
+        except tarfile.TarError:  # an empty or non-tar file, or a member whose padding was cut off
+            pass
+    samples = len([key for i, key in enumerate(keys) if key is not None and (i == 0 or key != keys[i - 1])])
+    return TarShardCheck(path, clean_end, members, samples, data_end)
+
+
+def _webdataset_key(name: str) -> tuple[str | None, str | None]:
+    """``(sample key, field)`` of a member name, split as datasets' WebDataset builder splits it."""
+    from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+
+    if Path(name).name.startswith((".", "__")):  # hidden members, which datasets skips
+        return None, None
+    return base_plus_ext(name)
+
+
+def _repaired_copy(check: TarShardCheck, directory: Path) -> Path:
+    """A copy of the whole members of a damaged shard, closed by an end-of-archive marker (made once, atomically)."""
+    stat = check.path.stat()
+    key = hashlib.sha1(f"{check.path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = directory / f"{key}-{check.path.name}"
+    if target.is_file():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    with check.path.open("rb") as source, partial.open("wb") as copy:
+        remaining = check.data_end
+        while remaining:
+            chunk = source.read(min(remaining, 1 << 20))
+            copy.write(chunk)
+            remaining -= len(chunk)
+        copy.write(bytes(-check.data_end % TAR_BLOCK + END_OF_ARCHIVE))
+    os.replace(partial, target)
+    return target
+
+
+def _first_sample_fields(path: Path, count: int) -> list[list[str]]:
+    """The member fields (``jpg``, ``txt``, ...) of the first ``count`` samples of a shard, from its headers."""
+    samples: list[list[str]] = []
+    last_key = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while (info := tar.next()) is not None:
+                key, field_name = _webdataset_key(info.name) if info.isreg() else (None, None)
+                if key is None:
+                    continue
+                if key != last_key:
+                    if len(samples) == count:
+                        break
+                    samples.append([])
+                    last_key = key
+                samples[-1].append(field_name)
+    except tarfile.TarError:  # not a tar after all: datasets will say so
+        pass
+    return samples
+
+
+def webdataset_features(first_shard: Path) -> datasets.Features | None:
+    """Column types to hand ``load_dataset("webdataset")`` when it cannot infer them, else None.
+
+    datasets infers the columns from the first 5 samples of the first shard and refuses to load when their members
+    differ (one lacks its caption, say). Then the columns are the union of those samples' members, typed as datasets
+    types them (an image extension: ``Image``; ``txt``: string; ``cls``: int64); a sample without one of them gets
+    None there, which the collator counts as a missing image or caption. None too when a member's type cannot be
+    told from its extension (``json``, ...): datasets then raises its own error.
+    """
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset
+
+    fields = _first_sample_fields(first_shard, WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE)
+    if len({frozenset(sample) for sample in fields}) <= 1:
+        return None
+    columns = {}
+    for name in dict.fromkeys(field_name for sample in fields for field_name in sample):
+        extension = name.rsplit(".", 1)[-1].lower()
+        if extension in WebDataset.IMAGE_EXTENSIONS:
+            columns[name] = datasets.Image()
+        elif extension in WEBDATASET_TEXT_EXTENSIONS:
+            columns[name] = datasets.Value("string")
+        elif extension in WEBDATASET_INT_EXTENSIONS:
+            columns[name] = datasets.Value("int64")
+        else:
+            return None
+    return datasets.Features({**columns, "__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
+
+
+def check_webdataset_shards(
+    data_files: str, data_dir: str | None, repair_dir: Path
+) -> tuple[list[str], datasets.Features | None] | None:
+    """The shards to load for local ``.tar`` webdataset ``data_files``, and the column types if they need giving.
+
+    datasets reads a tar as a stream and raises as soon as a member is cut short, losing the whole split (or the
+    run, when streaming). So each shard is checked first (`check_tar_shard`, headers only). A damaged shard is
+    replaced by a copy of its whole members in ``repair_dir`` (made once per shard version): its samples before the
+    damage are read, the rest is lost, and one warning line names the shard; a sample cut in two keeps its whole
+    members and is counted by the collator (a missing image or caption). A shard with no whole member is left out,
+    with a warning. Returns None, changing nothing, for patterns that match no file or anything but local ``.tar``
+    files (remote and compressed shards go to datasets untouched).
+    """
+    base = Path(data_dir or "").expanduser().resolve().as_posix()
+    try:
+        files = datasets.data_files.resolve_pattern(data_files, base)
+    except FileNotFoundError:
+        return None
+    if not all(Path(file).suffix == ".tar" and Path(file).is_file() for file in files):
+        return None
+    shards = []
+    for file in files:
+        check = check_tar_shard(Path(file))
+        if check.intact:
+            shards.append(file)
+            continue
+        lost = f"{check.path} is truncated or corrupt after byte {check.data_end} of {check.path.stat().st_size}"
+        if check.members == 0:
+            warnings.warn(f"webdataset shard {lost}: it holds no whole sample and is left out.", stacklevel=2)
+            continue
+        warnings.warn(
+            f"webdataset shard {lost}: reading its first {check.samples} sample(s) only; the rest is lost.",
+            stacklevel=2,
+        )
+        shards.append(str(_repaired_copy(check, repair_dir)))
+    if not shards:
+        raise ValueError(f"--data_files {data_files}: every shard is empty or damaged before its first sample.")
+    return shards, webdataset_features(Path(shards[0]))
 
 
 def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -85,18 +279,95 @@ def prepare_for_decoding(dataset, image_columns: list[str]):
 
 
 def decode_image(value: Any) -> Image.Image:
-    """An RGB PIL image from a PIL image, ``{"bytes", "path"}`` dict, raw bytes or a file path."""
+    """An RGB PIL image from a PIL image, ``{"bytes", "path"}`` dict, raw bytes or a file path (see `to_rgb`).
+
+    Raises whatever PIL raises for data that is not a complete image: a truncated JPEG stays an error (PIL's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off), so it is skipped rather than trained on half grey."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
-        image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+        # Bytes win over the path: webdataset rows carry a made-up "key.jpg" path beside their bytes.
+        image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
     elif isinstance(value, (bytes, bytearray)):
         image = Image.open(io.BytesIO(value))
     else:
         image = Image.open(value)
     image.load()
-    return image.convert("RGB")
+    return to_rgb(image)
+
+
+def image_data(value: Any) -> Any:
+    """What an image cell holds: a PIL image, its bytes, or its path; None when it holds none of them."""
+    if isinstance(value, dict):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    return None if value is None or (isinstance(value, str) and not value) else value
+
+
+def load_image(value: Any) -> Image.Image | str:
+    """The RGB image of a raw image cell, or the reason (an entry of ``SKIP_REASONS``) it has none: no value or no
+    such file (``missing_image``), zero bytes (``empty_image``), or data PIL cannot decode (``undecodable_image``)."""
+    data = image_data(value)
+    if isinstance(data, (str, Path)):
+        if not Path(data).is_file():
+            return "missing_image"
+        if Path(data).stat().st_size == 0:
+            return "empty_image"
+    elif data is None:
+        return "missing_image"
+    elif isinstance(data, (bytes, bytearray)) and not data:
+        return "empty_image"
+    try:
+        image = decode_image(value)
+    except Exception:  # PIL raises many types for corrupt data; any of them means "skip this sample"
+        return "undecodable_image"
+    return image if image.width and image.height else "empty_image"
+
+
+# Pillow's modes deeper than 8 bits per channel, which its own convert("RGB") clips (a 16-bit mid-grey turns white).
+DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+UINT16_MAX = 65535
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image as it is meant to be seen, deterministically.
+
+    The EXIF orientation is applied (a phone photo stored sideways comes out upright); 16-bit, 32-bit integer and
+    float images are scaled to 8 bits (see `scale_to_8bit`); transparent pixels (RGBA, LA, palette or colour-key
+    transparency) are composited over white, as ``transformers.image_transforms.convert_to_rgb`` does; every other
+    mode (L, 1, P, CMYK, YCbCr, ...) goes through PIL's ``convert("RGB")``.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a malformed EXIF block does not make the pixels unusable: keep them as stored
+        orientation = 1
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode in DEEP_MODES:
+        image = scale_to_8bit(image)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def scale_to_8bit(image: Image.Image) -> Image.Image:
+    """A single-channel image of a deep mode as 8-bit ``L``, scaled rather than clipped.
+
+    ``I;16*``: ``v / 65535``. ``I`` (how Pillow may open 16-bit PNGs): the same when every value fits in 16 bits,
+    else min-max. ``F``: ``v`` when every value is in [0, 1], else min-max. Then ``round(255 * x)``.
+    """
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))  # (H, W)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= UINT16_MAX):
+        unit = values / UINT16_MAX
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        unit = values
+    else:
+        unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.rint(unit * 255).clip(0, 255).astype(np.uint8))
 
 
 def random_resized_crop(
@@ -177,16 +448,13 @@ class ImageTextCollator:
         """One row to ``(pixels, caption)``, or the reason it is skipped."""
         rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
         raw, caption = self._image(row), self._caption(row, rng)
-        if raw is None or (isinstance(raw, dict) and not raw.get("bytes") and not raw.get("path")):
+        if image_data(raw) is None:
             return "missing_image"
         if caption is None:
             return "missing_caption"
-        try:
-            image = decode_image(raw)
-        except Exception:  # PIL raises many types for corrupt data; any of them means "skip this sample"
-            return "undecodable_image"
-        if image.width == 0 or image.height == 0:
-            return "empty_image"
+        image = load_image(raw)
+        if isinstance(image, str):
+            return image
         image = random_resized_crop(image, self.image_size, self.crop_scale, rng)
         return to_normalized_tensor(image, self.image_mean, self.image_std), caption
 
@@ -231,18 +499,23 @@ def caption_sample(dataset, caption_column: str, limit: int = 50_000) -> list[st
     return texts
 
 
-def make_image_processor(image_size: int, name_or_path: str | None = None):
+def make_image_processor(image_size: int, name_or_path: str | None = None, trust_remote_code: bool = False):
     """The checkpoint's image processor if it has one, else CLIP's (resize shortest edge, centre crop, CLIP
-    mean/std) at ``image_size``. The PIL backend is used where torchvision is not installed."""
+    mean/std) at ``image_size``. The PIL backend is used where torchvision is not installed. One that brings its own
+    code is only loaded with ``trust_remote_code`` (without it: a one-line error, not a silent fallback)."""
     import importlib.util
 
     import transformers
 
     if name_or_path is not None:
         try:
-            return transformers.AutoImageProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError):
-            pass
+            return transformers.AutoImageProcessor.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as error:
+            if "trust_remote_code" in str(error):
+                raise ValueError(
+                    f"image processor of {name_or_path} runs code of its own (auto_map); pass --trust_remote_code "
+                    "true only if you trust that code."
+                ) from None
     # Name the PIL class directly without torchvision: asking for CLIPImageProcessor then warns about the fallback.
     name = "CLIPImageProcessor" if importlib.util.find_spec("torchvision") else "CLIPImageProcessorPil"
     return getattr(transformers, name)(

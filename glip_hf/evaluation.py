@@ -2,7 +2,9 @@
 
 Every task can run with masking off (default) or on (``mask_ratio > 0``: the paper's *masked inference*), batched
 under ``torch.inference_mode``, bf16 on GPU, and sharded across processes when launched with Accelerate. Rows
-whose image does not decode are skipped and counted. Results follow the schema in DESIGN.md.
+without a usable image (missing, empty or undecodable; odd-but-valid images are converted, see ``data.to_rgb``) or,
+for retrieval, without caption text are skipped and counted by reason (``skipped``; ``num_skipped`` is their sum).
+Results follow the schema in DESIGN.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import statistics
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +30,14 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from .arguments import DataArguments, EvalArguments
-from .data import check_columns, decode_image, load_image_text_dataset, make_image_processor, prepare_for_decoding
+from .data import (
+    SKIP_REASONS,
+    check_columns,
+    load_image,
+    load_image_text_dataset,
+    make_image_processor,
+    prepare_for_decoding,
+)
 from .launch import check_launch
 from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
@@ -54,7 +64,7 @@ DEFAULT_TEMPLATES = (
 # ----------------------------------------------------------------------------------------------- model and data
 
 
-def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "cpu"):
+def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "cpu", trust_remote_code: bool = False):
     """``(model, tokenizer, image_processor)`` for any CLIP or GLIP checkpoint (directory or Hub id).
 
     The checkpoint must bring a tokenizer whose end-of-text token is where its text tower pools."""
@@ -67,7 +77,7 @@ def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "
         name_or_path = str(DEFAULT_MODEL_DIR)
     if Path(name_or_path).exists() and not (Path(name_or_path) / "config.json").is_file():
         raise FileNotFoundError(f"--model {name_or_path} has no config.json; pass a model directory or a Hub id.")
-    tokenizer = load_pretrained_tokenizer(name_or_path)
+    tokenizer = load_pretrained_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise FileNotFoundError(
             f"--model {name_or_path} has no tokenizer (no tokenizer files, or special tokens only); save the one it "
@@ -81,7 +91,7 @@ def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "
             f"but its tokenizer ends text with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its "
             "config.json or save the matching tokenizer."
         )
-    image_processor = make_image_processor(model.config.vision_config.image_size, name_or_path)
+    image_processor = make_image_processor(model.config.vision_config.image_size, name_or_path, trust_remote_code)
     return model, tokenizer, image_processor
 
 
@@ -168,15 +178,15 @@ def _autocast(device: torch.device):
 
 def _sharded_encode(
     accelerator: Accelerator, indices: list[int], batch_size: int, encode: Callable, desc: str
-) -> tuple[torch.Tensor, list[int], int]:
-    """Run ``encode(chunk) -> (features (b, D) | None, kept indices, skipped)`` over this process's share of
-    ``indices``, gather every process's results, and return them in index order.
+) -> tuple[torch.Tensor, list[int], Counter]:
+    """Run ``encode(chunk) -> (features (b, D) | None, kept indices, Counter of skip reasons)`` over this process's
+    share of ``indices``, gather every process's results, and return them in index order with the summed counts.
 
     Chunks are cut from all of ``indices`` first and dealt to the processes in turn, so a chunk holds the same rows
     whatever the number of processes (masked inference seeds its masks per chunk)."""
     chunks = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
     mine = chunks[accelerator.process_index :: accelerator.num_processes]
-    features, kept, skipped = [], [], 0
+    features, kept, skipped = [], [], Counter()
     for chunk in tqdm(mine, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         out, ids, bad = encode(chunk)
         if out is not None:
@@ -191,7 +201,7 @@ def _sharded_encode(
         raise ValueError(f"no {desc} could be encoded: every one was skipped.")
     stacked = torch.cat(all_features)
     order = sorted(range(len(all_kept)), key=all_kept.__getitem__)
-    return stacked[order], [all_kept[i] for i in order], sum(part[2] for part in parts)
+    return stacked[order], [all_kept[i] for i in order], sum((part[2] for part in parts), Counter())
 
 
 @dataclass
@@ -217,26 +227,28 @@ def encode_images(
     accelerator: Accelerator,
     mask_draw: MaskDraw | None = None,
 ):
-    """L2-normalised image features ``(N_kept, D)``, the kept row indices, and the number of undecodable rows."""
+    """L2-normalised image features ``(N_kept, D)``, the kept row indices, and a Counter of the skipped rows by
+    reason (``missing_image``, ``empty_image``, ``undecodable_image``)."""
 
     images_only = dataset.select_columns([image_column])  # rows without captions and labels
 
     def encode(rows: list[int]):
         if mask_draw is not None:
             mask_draw.reseed(rows[0])
-        images, ids = [], []
+        images, ids, skipped = [], [], Counter()
         for index in rows:
-            try:
-                images.append(decode_image(images_only[index][image_column]))
-                ids.append(index)
-            except Exception:  # corrupt, empty or missing image: skip and count
+            image = load_image(images_only[index][image_column])
+            if isinstance(image, str):  # the reason it has no image
+                skipped[image] += 1
                 continue
+            images.append(image)
+            ids.append(index)
         if not images:
-            return None, [], len(rows)
+            return None, [], skipped
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(accelerator.device)
         with _autocast(accelerator.device):
             embeds = model.get_image_features(pixel_values=pixels).pooler_output
-        return F.normalize(embeds.float(), dim=-1), ids, len(rows) - len(ids)
+        return F.normalize(embeds.float(), dim=-1), ids, skipped
 
     return _sharded_encode(accelerator, list(range(len(dataset))), batch_size, encode, "images")
 
@@ -254,7 +266,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, accele
         )
         with _autocast(accelerator.device):
             embeds = model.get_text_features(**tokens.to(accelerator.device)).pooler_output
-        return F.normalize(embeds.float(), dim=-1), rows, 0
+        return F.normalize(embeds.float(), dim=-1), rows, Counter()
 
     return _sharded_encode(accelerator, list(range(len(texts))), batch_size, encode, "texts")[0]
 
@@ -295,7 +307,7 @@ def zero_shot_on_dataset(
         labels = torch.tensor(dataset.select(kept)[label_column])
         metrics = classification_metrics(features @ classifier.t().cpu(), labels, len(class_names))
         results.append(
-            {"num_samples": len(kept), "num_skipped": skipped, "num_classes": len(class_names), "metrics": metrics}
+            {"num_samples": len(kept), **skip_counts(skipped), "num_classes": len(class_names), "metrics": metrics}
         )
     return results
 
@@ -322,20 +334,21 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_dra
     """Retrieval metrics for each mask draw; the captions do not depend on the masks: encoded once."""
     dataset = load_eval_split(args, args.split, model)
     check_columns(dataset, {"caption_column": args.caption_column}, f"{args.dataset or BUILTIN}[{args.split}]")
+    # A row without caption text is skipped before its image is decoded: it could only be a query that never hits.
+    captions = [_caption_texts(value) for value in dataset[args.caption_column]]
+    captioned = [index for index, texts in enumerate(captions) if texts]
+    if not captioned:
+        raise ValueError(f"--caption_column {args.caption_column!r} holds no caption text in {args.split!r}.")
+    subset = dataset if len(captioned) == len(dataset) else dataset.select(captioned)
     images = [
-        encode_images(model, image_processor, dataset, args.image_column, args.batch_size, accelerator, draw)
+        encode_images(model, image_processor, subset, args.image_column, args.batch_size, accelerator, draw)
         for draw in mask_draws
     ]  # [(features (N_kept, D), kept, skipped)]; the same images decode (or not) in every draw
-    kept, skipped = images[0][1], images[0][2]
+    kept, skipped = images[0][1], images[0][2] + Counter(missing_caption=len(dataset) - len(captioned))
     texts, text_to_image = [], []
-    for position, value in enumerate(dataset.select(kept)[args.caption_column]):
-        captions = value if isinstance(value, (list, tuple)) else [value]
-        for caption in captions:
-            if isinstance(caption, str) and caption.strip():
-                texts.append(caption)
-                text_to_image.append(position)
-    if not texts:
-        raise ValueError(f"--caption_column {args.caption_column!r} holds no caption text in {args.split!r}.")
+    for position, index in enumerate(kept):
+        texts += captions[captioned[index]]
+        text_to_image += [position] * len(captions[captioned[index]])
     duplicates = count_shared_captions(
         tokenizer, texts, text_to_image, model.config.text_config.max_position_embeddings
     )
@@ -346,12 +359,18 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_dra
             stacklevel=2,
         )
     text_features = encode_texts(model, tokenizer, texts, args.batch_size, accelerator)
-    counts = {"num_samples": len(kept), "num_skipped": skipped, "num_texts": len(texts)}
+    counts = {"num_samples": len(kept), **skip_counts(skipped), "num_texts": len(texts)}
     counts["num_duplicate_captions"] = duplicates
     return [
         {**counts, "metrics": retrieval_metrics(text_features @ features.t(), torch.tensor(text_to_image))}
         for features, _, _ in images
     ]
+
+
+def _caption_texts(value: Any) -> list[str]:
+    """The caption strings of a caption cell (a string or a list of them), blank ones left out."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [text for text in values if isinstance(text, str) and text.strip()]
 
 
 def count_shared_captions(tokenizer, texts: Sequence[str], text_to_image: Sequence[int], max_length: int) -> int:
@@ -483,7 +502,7 @@ def _linear_probe(args, model, image_processor, accelerator, datasets_by_role, m
     )
     return {
         "num_samples": len(encoded["test"][1]),
-        "num_skipped": sum(e[2] for e in encoded.values()),
+        **skip_counts(sum((e[2] for e in encoded.values()), Counter())),
         "num_classes": num_classes,
         "num_train_samples": len(encoded["train"][1]),
         **chosen,
@@ -502,7 +521,9 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
         raise ValueError(f"--mask_draws {args.mask_draws} is invalid: expected >= 1.")
     accelerator = accelerator or Accelerator(cpu=args.cpu)
     check_launch(accelerator)
-    model, tokenizer, image_processor = loaded or load_model_for_eval(args.model, accelerator.device)
+    model, tokenizer, image_processor = loaded or load_model_for_eval(
+        args.model, accelerator.device, args.trust_remote_code
+    )
     vision = model.config.vision_config
     strategy = vision.mask_strategy if args.mask_strategy is None else args.mask_strategy
     sigma = vision.mask_sigma if args.mask_sigma is None else args.mask_sigma
@@ -530,6 +551,14 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     }
 
 
+def skip_counts(skipped: Counter) -> dict[str, Any]:
+    """``{"num_skipped": total, "skipped": {reason: count}}`` over every reason in ``SKIP_REASONS``."""
+    return {
+        "num_skipped": sum(skipped.values()),
+        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
+    }
+
+
 def _mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
     return {name: statistics.fmean(run[name] for run in runs) for name in runs[0]}
 
@@ -547,9 +576,10 @@ def summary_line(result: dict[str, Any]) -> str:
     metrics = " | ".join(
         f"{k} {v:.4f}" + (f" +/- {spread[k]:.4f}" if k in spread else "") for k, v in result["metrics"].items()
     )
+    reasons = ", ".join(f"{reason} {n}" for reason, n in result.get("skipped", {}).items() if n)
     return (
         f"{result['task']} | {result['dataset']}[{result['split']}] | mask_ratio {result['mask_ratio']} | "
-        f"{metrics} | n={result['num_samples']} skipped={result['num_skipped']}"
+        f"{metrics} | n={result['num_samples']} skipped={result['num_skipped']}" + (f" ({reasons})" if reasons else "")
     )
 
 
@@ -596,7 +626,9 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in entry {entry}.")
         entry_args = EvalArguments(**{**defaults, **entry})
         if entry_args.model not in loaded:
-            loaded[entry_args.model] = load_model_for_eval(entry_args.model, accelerator.device)
+            loaded[entry_args.model] = load_model_for_eval(
+                entry_args.model, accelerator.device, entry_args.trust_remote_code
+            )
         results.append(evaluate_model(entry_args, accelerator, loaded[entry_args.model]))
         accelerator.print(summary_line(results[-1]))
     if accelerator.is_main_process:

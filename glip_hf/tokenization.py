@@ -126,15 +126,21 @@ def text_config_overrides(tokenizer) -> dict[str, int]:
     }
 
 
-def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None):
+def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained(name_or_path)``, or None when it holds no tokenizer.
 
     A folder without tokenizer files can still yield a tokenizer of special tokens only (transformers builds an
     empty CLIPTokenizer for a CLIP config): that counts as missing too, since it maps every word to one id.
+    A tokenizer that brings its own code (``auto_map``) is only loaded with ``trust_remote_code``.
     """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise ValueError(
+                f"tokenizer {name_or_path} runs code of its own (auto_map); pass --trust_remote_code true only if "
+                "you trust that code, or use another tokenizer."
+            ) from None
         if Path(name_or_path).is_dir():
             return None  # a local checkpoint folder without tokenizer files
         raise FileNotFoundError(
@@ -157,12 +163,13 @@ def load_or_train_tokenizer(
     vocab_size: int = 1024,
     max_length: int = 77,
     must_load: bool = False,
+    trust_remote_code: bool = False,
 ):
     """The tokenizer of ``name_or_path``; if there is no name, or (unless ``must_load``) the name holds no
     tokenizer, a BPE trained offline on ``texts()``."""
     if name_or_path is not None:
         try:
-            tokenizer = load_pretrained_tokenizer(name_or_path, max_length)
+            tokenizer = load_pretrained_tokenizer(name_or_path, max_length, trust_remote_code)
         except FileNotFoundError:
             if must_load:
                 raise

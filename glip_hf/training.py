@@ -26,7 +26,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .arguments import DataArguments, ModelArguments, TrainingArguments, to_flat_dict
-from .checkpointing import TrainingProgress, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    TrainingProgress,
+    clear_earlier_run,
+    list_checkpoints,
+    load_loss_state,
+    prepare_output_dir,
+    resolve_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
+from .cli import RunStopped
 from .configuration_glip import MASKING_FIELDS, GLIPConfig
 from .data import (
     SKIP_REASONS,
@@ -43,6 +53,7 @@ from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
 from .optimization import build_optimizer, build_scheduler
+from .preemption import StopSignals
 from .seeding import seed_mask_stream
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
 from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
@@ -77,6 +88,26 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments):
             DataArguments(**{**vars(data_args), "streaming": False}), data_args.eval_split
         )
     return train, held_out
+
+
+def check_init_from(name_or_path: str) -> None:
+    """One-line errors for an ``init_from`` that cannot be read or is not a CLIP / GLIP checkpoint (transformers
+    would otherwise build a default CLIP from, say, a BERT config and initialise it at random)."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"init_from={name_or_path} could not be read ({reason}); "
+            "pass a CLIP or GLIP checkpoint directory or Hub id."
+        ) from None
+    if config.get("model_type") not in ("clip", "glip"):
+        raise ValueError(
+            f"init_from={name_or_path} is a {config.get('model_type')!r} checkpoint, not CLIP or GLIP; "
+            "pass a CLIP or GLIP checkpoint (or drop --init_from to train from scratch)."
+        )
 
 
 def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
@@ -142,16 +173,17 @@ def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_
 
     output_dir = Path(training_args.output_dir)
     if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(checkpoint)
+        return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=model_args.trust_remote_code)
     with accelerator.main_process_first():
         if not accelerator.is_main_process:
-            return AutoTokenizer.from_pretrained(output_dir)
+            return AutoTokenizer.from_pretrained(output_dir, trust_remote_code=model_args.trust_remote_code)
         tokenizer = load_or_train_tokenizer(
             model_args.tokenizer_name or model_args.init_from,
             lambda: caption_sample(train_data, data_args.caption_column),
             model_args.tokenizer_vocab_size,
             model_args.max_text_length,
             must_load=model_args.tokenizer_name is not None,
+            trust_remote_code=model_args.trust_remote_code,
         )
         tokenizer.save_pretrained(output_dir)
         return tokenizer
@@ -260,6 +292,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         step_scheduler_with_optimizer=False,
     )
     check_launch(accelerator)
+    # Everything a user can get wrong about the run directory or the starting point fails here, before any write.
+    replaced = prepare_output_dir(
+        output_dir, training_args.overwrite_output_dir, bool(training_args.resume_from_checkpoint)
+    )
+    checkpoint = None
+    if training_args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    if model_args.init_from:
+        check_init_from(model_args.init_from)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and (replaced or (training_args.resume_from_checkpoint and checkpoint is None)):
+        clear_earlier_run(output_dir)  # --overwrite_output_dir, or `auto` restarting a run killed before a checkpoint
+        if replaced:
+            print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(replaced)}).")
     output_dir.mkdir(parents=True, exist_ok=True)
     _print_config(accelerator, to_flat_dict(model_args, data_args, training_args), output_dir)
     set_seed(training_args.seed)
@@ -270,14 +316,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     check_columns(
         train_data, {"image_column": data_args.image_column, "caption_column": data_args.caption_column}, source
     )
-    checkpoint = None
-    if training_args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
-        if checkpoint is None:
-            accelerator.print(f"No checkpoint in {output_dir}; starting from scratch.")
+    if training_args.resume_from_checkpoint and checkpoint is None:
+        accelerator.print(f"resume_from_checkpoint=auto: no checkpoint in {output_dir} yet; starting from scratch.")
     tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
     model = build_model(model_args, tokenizer)
-    image_processor = make_image_processor(model.config.vision_config.image_size, model_args.init_from)
+    image_processor = make_image_processor(
+        model.config.vision_config.image_size, model_args.init_from, model_args.trust_remote_code
+    )
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     loss_fn = ContrastiveLoss(training_args.loss)
@@ -289,8 +334,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if training_args.torch_compile:
         model = torch.compile(model)
     # The loss module stays out of DDP (CLIP's has no parameters); SigLIP's bias gradient is averaged by hand.
-    loss_fn.to(accelerator.device)
-    accelerator.register_for_checkpointing(loss_fn)
+    loss_fn.to(accelerator.device)  # its parameters are checkpointed as safetensors by save_checkpoint
     if data_args.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
@@ -302,7 +346,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     progress = TrainingProgress()
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        load_loss_state(loss_fn, checkpoint)
         progress = TrainingProgress.load(checkpoint)
+        if accelerator.is_main_process:
+            truncate_metrics(output_dir / "metrics.jsonl", progress.step)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
     if trackers:
         values = to_flat_dict(model_args, data_args, training_args)
@@ -423,14 +470,26 @@ class _Run:
         return self.main_steps + self.args.unmasked_tuning_steps
 
 
-def _optimizer_step(run: _Run) -> float:
-    """Average the loss module's gradients, clip, step, clamp the temperature; returns the lr used."""
+def _gradient_norm(run: _Run) -> torch.Tensor:
+    """Average the loss module's gradients over processes, clip all gradients; returns their total norm (0-dim)."""
     accelerator, params = run.accelerator, list(run.loss_fn.parameters())
     for param in params:
         if param.grad is not None:
             param.grad = accelerator.reduce(param.grad, "mean")
-    if run.args.max_grad_norm:
-        accelerator.clip_grad_norm_(list(run.model.parameters()) + params, run.args.max_grad_norm)
+    # max_norm=inf measures without clipping; clip_grad_norm_ knows how parameters are sharded (DDP, FSDP).
+    return accelerator.clip_grad_norm_(list(run.model.parameters()) + params, run.args.max_grad_norm or math.inf)
+
+
+def _any_process(accelerator: Accelerator, *flags: torch.Tensor | bool) -> list[bool]:
+    """Each flag OR-ed over all processes (one small all-reduce, and the step's only host sync for it)."""
+    values = torch.stack([torch.as_tensor(f, device=accelerator.device).reshape(()).float() for f in flags])
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, "sum")
+    return [bool(v > 0) for v in values.tolist()]
+
+
+def _optimizer_step(run: _Run) -> float:
+    """Step, advance the schedule, clamp the temperature; returns the lr used."""
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     if not run.optimizer.step_was_skipped:  # fp16: the gradient scaler skipped a non-finite step
@@ -441,13 +500,25 @@ def _optimizer_step(run: _Run) -> float:
     return lr
 
 
+def _skip_step(run: _Run) -> float:
+    """A step that makes no update (no valid sample, or a non-finite loss or gradient): gradients dropped, the
+    schedule moves on with the step count. Returns the lr the step would have used."""
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    return lr
+
+
 def _kept_tokens(vision, unmasked: bool) -> int:
     patches = (vision.image_size // vision.patch_size) ** 2
     return 1 + (patches if unmasked or vision.mask_ratio == 0 else num_kept_patches(patches, vision.mask_ratio))
 
 
 def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
-    """Steps until ``total_steps``: masked stage, then unmasked tuning; logs and checkpoints on the way."""
+    """Steps until ``total_steps``: masked stage, then unmasked tuning; logs and checkpoints on the way.
+
+    Raises ``RunStopped`` after a stop signal (once the step is done and a checkpoint written) or after
+    ``max_nonfinite_steps`` consecutive non-finite steps (no checkpoint written: the last one is intact)."""
     accelerator, progress, args = run.accelerator, run.progress, run.args
     metrics = MetricsLog(Path(args.output_dir) / "metrics.jsonl", enabled=accelerator.is_main_process)
     bar = tqdm(
@@ -455,56 +526,104 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
     )
     skipped_local: Counter = Counter()
     window_loss, window_images, window_start = [], 0, time.perf_counter()
+    nonfinite_streak = 0
     run.model.train()
-    while progress.step < run.total_steps:
-        unmasked = progress.step >= run.main_steps
-        micro_batches = []
-        for _ in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            skipped_local.update(batch.pop("skipped"))
-            micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
-        global_rows = _global_rows(accelerator, micro_batches)
-        if global_rows == 0:
-            # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
-            lr = run.scheduler.get_last_lr()[0]
-            run.scheduler.step()
-            progress.empty_steps += 1
-        else:
-            with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
-                window_loss.append(
-                    train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
+    with StopSignals() as signals:
+        while progress.step < run.total_steps:
+            unmasked = progress.step >= run.main_steps
+            micro_batches = []
+            for _ in range(args.gradient_accumulation_steps):
+                batch = next(batches)
+                skipped_local.update(batch.pop("skipped"))
+                micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+            global_rows = _global_rows(accelerator, micro_batches)
+            if global_rows == 0:
+                # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
+                (stop,) = _any_process(accelerator, signals.requested())
+                lr = _skip_step(run)
+                progress.empty_steps += 1
+            else:
+                with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
+                    loss = train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
+                norm = _gradient_norm(run)
+                # Under fp16 the gradient scaler owns non-finite gradients (it skips the step and lowers the scale).
+                bad = ~torch.isfinite(loss) if accelerator.scaler is not None else ~torch.isfinite(loss + norm)
+                nonfinite, stop = _any_process(accelerator, bad, signals.requested())
+                if nonfinite:
+                    lr = _skip_step(run)
+                    progress.nonfinite_steps += 1
+                    nonfinite_streak += 1
+                else:
+                    window_loss.append(loss)
+                    lr = _optimizer_step(run)
+                    nonfinite_streak = 0
+            progress.step += 1
+            bar.update(1)
+            window_images += global_rows
+            if progress.step % args.logging_steps == 0 or progress.step == run.total_steps:
+                progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
+                skipped_local = Counter()
+                _log(run, metrics, bar, window_loss, window_images, time.perf_counter() - window_start, lr, unmasked)
+                window_loss, window_images, window_start = [], 0, time.perf_counter()
+            if nonfinite_streak >= args.max_nonfinite_steps:
+                bar.close()
+                _stop(run, _diverged_message(run, nonfinite_streak), exit_code=1)
+            if progress.step % args.save_steps == 0 or progress.step == run.total_steps or stop:
+                progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
+                skipped_local = Counter()
+                path = save_checkpoint(
+                    accelerator, args.output_dir, progress, args.save_total_limit, run.tokenizer, run.loss_fn
                 )
-            lr = _optimizer_step(run)
-        progress.step += 1
-        bar.update(1)
-        window_images += global_rows
-        if progress.step % args.logging_steps == 0 or progress.step == run.total_steps:
-            record = {
-                "step": progress.step,
-                "epoch": progress.epoch,
-                "loss": _window_mean(accelerator, window_loss),
-                "lr": lr,
-                "logit_scale": run.unwrapped.logit_scale.exp().item(),
-                "images_per_s": window_images / max(time.perf_counter() - window_start, 1e-9),
-                "kept_tokens": _kept_tokens(run.unwrapped.config.vision_config, unmasked),
-                "stage": "unmasked_tuning" if unmasked else "masked",
-            }
-            metrics.write(record)
-            accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=progress.step)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                lr=f"{lr:.2e}",
-                scale=f"{record['logit_scale']:.1f}",
-                img_s=f"{record['images_per_s']:.0f}",
-                tokens=record["kept_tokens"],
-            )
-            window_loss, window_images, window_start = [], 0, time.perf_counter()
-        if progress.step % args.save_steps == 0 or progress.step == run.total_steps:
-            progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
-            skipped_local = Counter()
-            save_checkpoint(accelerator, args.output_dir, progress, args.save_total_limit, run.tokenizer)
+            if stop:
+                bar.close()
+                message = (
+                    f"stopped by {signals.name or 'a stop signal'} after step {progress.step}: saved {path}; "
+                    f"continue with --resume_from_checkpoint latest --output_dir {args.output_dir}"
+                )
+                _stop(run, message, exit_code=128 + (signals.received or 15))
     bar.close()
     return metrics
+
+
+def _log(run: _Run, metrics: MetricsLog, bar, losses, images: int, seconds: float, lr: float, unmasked: bool) -> None:
+    accelerator, progress = run.accelerator, run.progress
+    record = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "loss": _window_mean(accelerator, losses),
+        "lr": lr,
+        "logit_scale": run.unwrapped.logit_scale.exp().item(),
+        "images_per_s": images / max(seconds, 1e-9),
+        "kept_tokens": _kept_tokens(run.unwrapped.config.vision_config, unmasked),
+        "skipped_samples": sum(progress.skipped.values()),
+        "nonfinite_steps": progress.nonfinite_steps,
+        "stage": "unmasked_tuning" if unmasked else "masked",
+    }
+    metrics.write(record)
+    accelerator.log({k: v for k, v in record.items() if k != "stage"}, step=progress.step)
+    bar.set_postfix(
+        loss=f"{record['loss']:.3f}",
+        lr=f"{lr:.2e}",
+        scale=f"{record['logit_scale']:.1f}",
+        img_s=f"{record['images_per_s']:.0f}",
+        tokens=record["kept_tokens"],
+        skipped=record["skipped_samples"],
+    )
+
+
+def _diverged_message(run: _Run, streak: int) -> str:
+    checkpoints = list_checkpoints(run.args.output_dir)
+    last = f"the last checkpoint, {checkpoints[-1]}, is intact" if checkpoints else "no checkpoint was written yet"
+    return (
+        f"stopped at step {run.progress.step}: {streak} consecutive steps had a non-finite loss or gradient "
+        f"(--max_nonfinite_steps {run.args.max_nonfinite_steps}); none of them updated the model and {last}. "
+        "Lower --learning_rate or check the data, then --resume_from_checkpoint latest."
+    )
+
+
+def _stop(run: _Run, message: str, exit_code: int) -> None:
+    run.accelerator.end_training()
+    raise RunStopped(message, exit_code)
 
 
 def _global_rows(accelerator: Accelerator, micro_batches: list[dict]) -> int:
@@ -552,12 +671,14 @@ def _finish(
             "skipped": progress.skipped,
             "num_skipped": sum(progress.skipped.values()),
             "empty_steps": progress.empty_steps,
+            "nonfinite_steps": progress.nonfinite_steps,
             "held_out_zero_shot": eval_metrics,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(
             f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}; "
-            f"steps with no valid sample: {progress.empty_steps}"
+            f"steps with no valid sample: {progress.empty_steps}; "
+            f"steps skipped as non-finite: {progress.nonfinite_steps}"
         )
     accelerator.end_training()
     return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)

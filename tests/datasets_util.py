@@ -1,14 +1,16 @@
-"""Small local datasets in every supported layout, with deliberately broken samples where asked."""
+"""Small local datasets in every supported layout, with deliberately broken or odd samples where asked."""
 
 import io
 import json
+import random
 import tarfile
 from pathlib import Path
 
 import datasets
+import numpy as np
 from PIL import Image
 
-from glip_hf.synthetic import render_example_scene
+from glip_hf.synthetic import captions_for, class_names, render_example_scene, sample_scene
 
 
 def png_bytes(seed: int, size: int = 20) -> bytes:
@@ -72,7 +74,7 @@ def make_broken_dataset(path: Path, good: int = 20) -> tuple[Path, dict[str, int
     texts += ["corrupt bytes", "zero bytes", None, "   "]
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": images, "caption": texts}, features=features).save_to_disk(str(path))
-    return path, {"undecodable_image": 1, "missing_image": 1, "missing_caption": 2}
+    return path, {"undecodable_image": 1, "empty_image": 1, "missing_caption": 2}
 
 
 def blank_image() -> Image.Image:
@@ -87,3 +89,196 @@ def make_sparse_caption_dataset(path: Path, good: int = 4, missing: int = 8) -> 
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     datasets.Dataset.from_dict({"image": images, "caption": texts}, features=features).save_to_disk(str(path))
     return path
+
+
+# ------------------------------------------------------------------------------------ corrupt and odd data
+
+# Bad rows: what each is and the reason the collator skips it for.
+BAD_KINDS = {
+    "truncated_jpeg": "undecodable_image",  # the first half of a JPEG
+    "not_an_image": "undecodable_image",  # HTML where the image should be
+    "zero_bytes": "empty_image",
+    "empty_caption": "missing_caption",  # blank caption(s)
+    "none_caption": "missing_caption",
+}
+# Odd rows whose image (or caption) is valid and must be used, converted where needed.
+ODD_KINDS = (
+    "grayscale",  # mode L
+    "cmyk_jpeg",
+    "rgba_png",  # left half fully transparent
+    "palette_png",  # mode P with a transparent palette index in the top half
+    "png_16bit",  # mode I;16, the 8-bit greys times 257
+    "one_by_one",
+    "wide_10000x10",
+    "exif_rotated_6",  # stored sideways, EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    "exif_rotated_8",  # stored sideways, EXIF orientation 8 (rotate 90 degrees counter-clockwise to view)
+    "long_caption",  # a caption many times longer than any text context
+)
+LONG_CAPTION_WORDS = 300
+NOT_AN_IMAGE = b"<html><body>404 not found</body></html>"
+EXIF_ORIENTATION = 0x0112
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def exif_rotated_jpeg(upright: Image.Image, orientation: int) -> bytes:
+    """A JPEG stored sideways whose EXIF orientation (6 or 8) says how to turn it back to ``upright``."""
+    stored = upright.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return encode_image(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def transparent_rgba(image: Image.Image) -> Image.Image:
+    """``image`` as RGBA with its left half fully transparent."""
+    rgba = image.convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (0, 0, rgba.width // 2, rgba.height))
+    rgba.putalpha(alpha)
+    return rgba
+
+
+def transparent_palette(image: Image.Image) -> Image.Image:
+    """``image`` quantised to a 15-colour palette, its top half painted with a 16th, transparent, palette index."""
+    paletted = image.quantize(colors=15)  # up to 15 colours: indices 0-14
+    colours = paletted.getpalette()[: 15 * 3]
+    paletted.putpalette(colours + [0] * (16 * 3 - len(colours)))  # index 15: black, seen if transparency is lost
+    paletted.paste(15, (0, 0, paletted.width, paletted.height // 2))
+    paletted.info["transparency"] = 15
+    return paletted
+
+
+def grey_16bit(image: Image.Image) -> Image.Image:
+    """``image``'s 8-bit greys as a 16-bit (mode I;16) image: each value times 257, so 255 -> 65535."""
+    return Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+
+
+def odd_image_bytes(kind: str, image: Image.Image) -> bytes:
+    """The encoded image of an odd-but-valid row of ``kind`` made from the RGB ``image``."""
+    if kind == "grayscale":
+        return encode_image(image.convert("L"))
+    if kind == "cmyk_jpeg":
+        return encode_image(image.convert("CMYK"), "JPEG", quality=95)
+    if kind == "rgba_png":
+        return encode_image(transparent_rgba(image))
+    if kind == "palette_png":
+        return encode_image(transparent_palette(image), transparency=15)
+    if kind == "png_16bit":
+        return encode_image(grey_16bit(image))
+    if kind == "one_by_one":
+        return encode_image(image.resize((1, 1)))
+    if kind == "wide_10000x10":
+        return encode_image(image.resize((10000, 10)))
+    if kind in ("exif_rotated_6", "exif_rotated_8"):
+        return exif_rotated_jpeg(image, int(kind[-1]))
+    return encode_image(image)
+
+
+def long_caption(caption: str) -> str:
+    return caption + " " + " ".join(["and"] + [f"detail{i % 10}" for i in range(LONG_CAPTION_WORDS)])
+
+
+def _messy_row(kind: str, rng: random.Random, image_size: int) -> dict:
+    image, attrs = sample_scene(rng, image_size)
+    captions = captions_for(attrs, rng, 3)
+    label = class_names().index(f"{attrs['colour']} {attrs['shape']}")
+    data = odd_image_bytes(kind, image) if kind in ODD_KINDS else encode_image(image)
+    if kind == "truncated_jpeg":
+        jpeg = encode_image(image, "JPEG", quality=95)
+        data = jpeg[: len(jpeg) // 2]
+    elif kind in ("not_an_image", "zero_bytes"):
+        data = NOT_AN_IMAGE if kind == "not_an_image" else b""
+    elif kind == "empty_caption":
+        captions = ["   ", ""]
+    elif kind == "long_caption":
+        captions = [long_caption(captions[0]), *captions[1:]]
+    caption = None if kind == "none_caption" else captions[0]
+    row_captions = None if kind == "none_caption" else captions
+    return {"image": {"bytes": data, "path": None}, "caption": caption, "captions": row_captions, "label": label}
+
+
+def make_messy_dataset(path: Path, good: int = 85, image_size: int = 24, seed: int = 0) -> tuple[Path, dict[str, int]]:
+    """A saved ``DatasetDict`` (``train`` and ``test``) of generated scenes in which each split holds ``good`` clean
+    rows, one row of each of ``BAD_KINDS`` and one of each of ``ODD_KINDS``, shuffled (seeded). With the default 85
+    clean rows a split has 100 rows, 5 of them bad (5%) and 10 odd but valid.
+
+    Columns: ``image`` (``Image``), ``caption`` (string or None), ``captions`` (list of strings or None, for
+    retrieval), ``label`` (``ClassLabel`` "colour shape", as in the built-in dataset) and ``kind`` (the row's kind:
+    ``good`` or a key of ``BAD_KINDS`` / ``ODD_KINDS``).
+
+    Returns:
+        ``(path, expected)``: ``expected`` is the exact skip count by reason of one split when every row is read
+        once with its caption (training); without captions (classification) drop ``missing_caption``.
+    """
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "captions": datasets.Sequence(datasets.Value("string")),
+            "label": datasets.ClassLabel(names=class_names()),
+            "kind": datasets.Value("string"),
+        }
+    )
+    splits = {}
+    for split in ("train", "test"):
+        kinds = ["good"] * good + list(BAD_KINDS) + list(ODD_KINDS)
+        random.Random(f"messy-{seed}-{split}").shuffle(kinds)
+        rows = [
+            {**_messy_row(kind, random.Random(f"messy-{seed}-{split}-{i}"), image_size), "kind": kind}
+            for i, kind in enumerate(kinds)
+        ]
+        columns = {name: [row[name] for row in rows] for name in features}
+        splits[split] = datasets.Dataset.from_dict(columns, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    expected: dict[str, int] = {}
+    for reason in BAD_KINDS.values():
+        expected[reason] = expected.get(reason, 0) + 1
+    return path, expected
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def make_messy_webdataset(root: Path, shards: int = 3, per_shard: int = 8) -> tuple[Path, dict[str, int], int]:
+    """``shards`` webdataset ``.tar`` shards of jpg/txt samples, damaged the ways real shards are.
+
+    In the first shard (among the 5 samples datasets infers its columns from) sample 1 has no ``txt`` member,
+    sample 2 a zero-byte ``jpg`` and sample 3 no ``jpg``; the second shard holds a CMYK, a grayscale and an
+    EXIF-rotated JPEG (odd but valid), a ``jpg`` that is not an image and a blank ``txt``; the last shard is cut off
+    in the middle of the ``jpg`` of its sample ``per_shard // 2``, so only its samples before that one survive.
+
+    Returns:
+        ``(root, expected skip counts by reason, number of samples readable)``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    special = {1: "no_txt", 2: "zero_jpg", 3: "no_jpg"}
+    special.update({per_shard + 1: "cmyk_jpeg", per_shard + 2: "grayscale", per_shard + 3: "exif_rotated_6"})
+    special.update({per_shard + 4: "not_an_image", per_shard + 5: "blank_txt"})
+    cut_sample = (shards - 1) * per_shard + per_shard // 2
+    for shard in range(shards):
+        path = root / f"{shard:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index in range(shard * per_shard, (shard + 1) * per_shard):
+                kind = special.get(index, "good")
+                rng = random.Random(f"messy-wds-{index}")
+                image, attrs = sample_scene(rng, 24)
+                jpg = odd_image_bytes(kind, image) if kind in ODD_KINDS else encode_image(image, "JPEG")
+                jpg = {"zero_jpg": b"", "not_an_image": NOT_AN_IMAGE}.get(kind, jpg)
+                txt = b"  " if kind == "blank_txt" else captions_for(attrs, rng, 1)[0].encode()
+                if index == cut_sample:
+                    cut = tar.offset + tarfile.BLOCKSIZE + len(jpg) // 2  # after its header, inside its data
+                if kind != "no_jpg":
+                    _add_member(tar, f"{index:06d}.jpg", jpg)
+                if kind != "no_txt":
+                    _add_member(tar, f"{index:06d}.txt", txt)
+        if shard == shards - 1:
+            path.write_bytes(path.read_bytes()[:cut])
+    expected = {"missing_caption": 2, "empty_image": 1, "missing_image": 1, "undecodable_image": 1}
+    return root, expected, (shards - 1) * per_shard + per_shard // 2

@@ -1,0 +1,307 @@
+"""A bad configuration stops before training: one line on stderr naming the field (or file) and the fix, exit status
+2, no traceback, and nothing of a run written. ``--debug`` shows the traceback."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import pytest
+from accelerate.state import AcceleratorState
+from datasets_util import make_parquet
+from transformers import BertConfig
+
+from glip_hf.cli import RunStopped
+from glip_hf.synthetic import build_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+TINY = [
+    "--image_size",
+    "16",
+    "--patch_size",
+    "4",
+    "--vision_hidden_size",
+    "32",
+    "--vision_layers",
+    "2",
+    "--vision_heads",
+    "2",
+    "--vision_intermediate_size",
+    "37",
+    "--text_hidden_size",
+    "32",
+    "--text_layers",
+    "2",
+    "--text_heads",
+    "2",
+    "--text_intermediate_size",
+    "37",
+    "--projection_dim",
+    "16",
+    "--max_text_length",
+    "16",
+    "--tokenizer_vocab_size",
+    "600",
+    "--synthetic_num_train",
+    "40",
+    "--synthetic_num_test",
+    "36",
+    "--per_device_train_batch_size",
+    "8",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--warmup_steps",
+    "1",
+    "--max_steps",
+    "1",
+    "--eval_at_end",
+    "false",
+]
+# Every message says what to do: the expected value, a flag to pass, or the change to make.
+ADVICE = re.compile(r"expected|must be|pass |lower |fix |quote |drop |did you mean|see |it has \[")
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_pretraining = load_script("run_pretraining")
+run_eval = load_script("run_eval")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Iterator[Path]:
+    """Shared by every case: the generated-data cache, a parquet file, a BERT checkpoint, a file, an earlier run.
+
+    Progress bars of dataset loading are off: stderr then holds only what the error prints."""
+    root = tmp_path_factory.mktemp("config_errors")
+    datasets.disable_progress_bars()
+    build_synthetic_dataset(root / "cache" / "synthetic", num_train=40, num_test=36, image_size=16)
+    make_parquet(root / "train.parquet")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(
+        root / "bert"
+    )
+    (root / "a_file").write_text("not a directory\n")
+    (root / "earlier_run").mkdir()
+    (root / "earlier_run" / "run_config.yaml").write_text("seed: 0\n")
+    (root / "earlier_run" / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
+    yield root
+    datasets.enable_progress_bars()
+
+
+# (id, flags, YAML text written to run.yaml and passed as --config (None: configs/default.yaml), message regex).
+# Flags may hold {ws} (the shared workspace) and {tmp} (this case's own directory).
+PRETRAINING_CASES = [
+    ("mask_ratio_negative", ["--mask_ratio", "-0.1"], None, r"mask_ratio .*-0\.1"),
+    ("mask_ratio_one", ["--mask_ratio", "1.0"], None, r"mask_ratio .*0 <= mask_ratio < 1.*1\.0"),
+    ("mask_strategy_unknown", ["--mask_strategy", "uniform"], None, r"mask_strategy .*'uniform'"),
+    ("mask_sigma_zero", ["--mask_sigma", "0"], None, r"mask_sigma .*> 0.*0\.0"),
+    ("mask_sigma_negative", ["--mask_sigma", "-0.2"], None, r"mask_sigma .*-0\.2"),
+    ("image_size_not_multiple_of_patch", ["--image_size", "18"], None, r"image_size=18 .*patch_size=4"),
+    ("patch_size_zero", ["--patch_size", "0"], None, r"patch_size=0 .*>= 1"),
+    ("heads_do_not_divide_width", ["--vision_heads", "3"], None, r"vision_hidden_size=32 .*vision_heads=3"),
+    ("batch_size_zero", ["--per_device_train_batch_size", "0"], None, r"per_device_train_batch_size=0 .*>= 1"),
+    (
+        "batch_larger_than_data",
+        ["--per_device_train_batch_size", "64"],
+        None,
+        r"per_device_train_batch_size=64 .*40 training rows; lower",
+    ),
+    ("eval_batch_size_zero", ["--eval_batch_size", "0"], None, r"eval_batch_size=0 .*>= 1"),
+    ("num_workers_negative", ["--num_workers", "-1"], None, r"num_workers=-1 .*>= 0"),
+    ("warmup_ratio_one", ["--warmup_ratio", "1.0"], None, r"warmup_ratio=1\.0 .*\[0, 1\)"),
+    ("warmup_steps_negative", ["--warmup_steps", "-5"], None, r"warmup_steps=-5 .*>= 0"),
+    ("no_epochs_and_no_max_steps", ["--num_train_epochs", "0", "--max_steps", "-1"], None, r"num_train_epochs=0"),
+    ("max_grad_norm_zero", ["--max_grad_norm", "0"], None, r"max_grad_norm=0\.0 .*> 0"),
+    ("max_nonfinite_steps_zero", ["--max_nonfinite_steps", "0"], None, r"max_nonfinite_steps=0 .*>= 1"),
+    ("save_steps_zero", ["--save_steps", "0"], None, r"save_steps=0 .*>= 1"),
+    ("logging_steps_zero", ["--logging_steps", "0"], None, r"logging_steps=0 .*>= 1"),
+    ("learning_rate_negative", ["--learning_rate", "-0.001"], None, r"learning_rate=-0\.001 .*> 0"),
+    ("vocab_below_byte_level_base", ["--tokenizer_vocab_size", "100"], None, r"tokenizer_vocab_size=100 .*>= 515"),
+    ("synthetic_placement_unknown", ["--synthetic_placement", "left"], None, r"synthetic_placement='left'.*center"),
+    ("attn_implementation_unknown", ["--attn_implementation", "flash"], None, r"attn_implementation='flash'.*sdpa"),
+    ("report_to_unknown_tracker", ["--report_to", "tensorbord"], None, r"report_to='tensorbord'.*tensorboard"),
+    ("loss_unknown", ["--loss", "triplet"], None, r"loss='triplet'.*clip or siglip"),
+    ("mixed_precision_unknown", ["--mixed_precision", "fp8"], None, r"mixed_precision='fp8'.*bf16"),
+    ("crop_scale_inverted", ["--crop_scale_min", "0.9", "--crop_scale_max", "0.5"], None, r"crop_scale_min=0\.9"),
+    ("streaming_without_max_steps", ["--streaming", "true", "--max_steps", "-1"], None, r"max_steps=-1 .*stream"),
+    ("flag_value_not_a_number", ["--learning_rate", "abc"], None, r"--learning_rate.*invalid float value: 'abc'"),
+    ("flag_value_not_a_bool", ["--cpu", "maybe"], None, r"--cpu.*maybe"),
+    ("unknown_flag", ["--learnin_rate", "0.1"], None, r"--learnin_rate.*did you mean --learning_rate"),
+    ("flag_value_missing", ["--learning_rate", "-1e-3"], None, r"--learning_rate.*expected one argument.*=-1e-3"),
+    ("missing_dataset_path", ["--dataset_name", "{tmp}/no_such_dataset"], None, r"dataset_name=.*no_such_dataset"),
+    ("missing_data_dir", ["--dataset_name", "imagefolder", "--data_dir", "{tmp}/no_dir"], None, r"data_dir=.*no_dir"),
+    (
+        "wrong_image_column",
+        ["--dataset_name", "parquet", "--data_files", "{ws}/train.parquet", "--image_column", "jpg"],
+        None,
+        r"--image_column 'jpg' is not a column .*\['image', 'caption'\]",
+    ),
+    (
+        "wrong_caption_column",
+        ["--dataset_name", "parquet", "--data_files", "{ws}/train.parquet", "--caption_column", "text"],
+        None,
+        r"--caption_column 'text' is not a column",
+    ),
+    ("yaml_missing_file", ["--config", "{tmp}/missing.yaml"], None, r"config file .*missing\.yaml not found"),
+    ("yaml_unknown_key", [], "training:\n  learnin_rate: 0.1\n", r"run\.yaml: unknown key.*'learnin_rate'.*learning"),
+    ("yaml_not_a_mapping", [], "- mask_ratio\n- 0.5\n", r"run\.yaml: a run config must be a mapping"),
+    ("yaml_syntax_error", [], "model: [image_size\n", r"run\.yaml: .*line \d+"),
+    ("yaml_float_not_a_number", [], "learning_rate: fast\n", r"run\.yaml: learning_rate='fast' .*number"),
+    ("yaml_int_not_integral", [], "per_device_train_batch_size: 8.5\n", r"run\.yaml: per_device_train_batch_size="),
+    ("yaml_unquoted_no", [], "mixed_precision: no\n", r"run\.yaml: mixed_precision=False .*quote"),
+    ("yaml_bad_value", [], "model:\n  mask_ratio: 1.5\n", r"mask_ratio .*1\.5"),
+    ("output_dir_is_a_file", ["--output_dir", "{ws}/a_file"], None, r"output_dir=.*a_file is a file"),
+    (
+        "output_dir_holds_earlier_run",
+        ["--output_dir", "{ws}/earlier_run"],
+        None,
+        r"output_dir=.*earlier_run .*overwrite_output_dir",
+    ),
+    (
+        "resume_latest_without_checkpoint",
+        ["--resume_from_checkpoint", "latest"],
+        None,
+        r"resume_from_checkpoint=latest: no complete checkpoint",
+    ),
+    (
+        "resume_from_missing_directory",
+        ["--resume_from_checkpoint", "{tmp}/checkpoint-9"],
+        None,
+        r"resume_from_checkpoint=.*checkpoint-9 does not exist",
+    ),
+    ("init_from_not_clip", ["--init_from", "{ws}/bert"], None, r"init_from=.*bert.*not CLIP or GLIP"),
+]
+
+EVAL_CASES = [
+    ("task_unknown", ["--task", "captioning"], r"task='captioning' .*zeroshot_classification"),
+    ("mask_ratio_one", ["--mask_ratio", "1.0"], r"mask_ratio .*1\.0"),
+    ("mask_strategy_unknown", ["--mask_strategy", "center"], r"mask_strategy .*'center'"),
+    ("mask_draws_zero", ["--mask_draws", "0"], r"mask_draws=0 .*>= 1"),
+    ("batch_size_zero", ["--batch_size", "0"], r"batch_size=0 .*>= 1"),
+    ("val_fraction_one", ["--linear_probe_val_fraction", "1.0"], r"linear_probe_val_fraction=1\.0 .*\(0, 1\)"),
+    ("missing_model_dir", ["--model", "{tmp}/no_model"], r"model=.*no_model does not exist"),
+    ("missing_class_names_file", ["--class_names", "{tmp}/names.txt"], r"class_names=.*names\.txt"),
+    ("output_is_a_directory", ["--output", "{tmp}"], r"output=.* is a directory"),
+    ("unknown_flag", ["--mask_ratios", "0.5"], r"--mask_ratios.*did you mean --mask_ratio"),
+]
+
+
+def case_ids(cases) -> list[str]:
+    return [case[0] for case in cases]
+
+
+def expand(flags: list[str], workspace: Path, tmp_path: Path) -> list[str]:
+    return [flag.format(ws=workspace, tmp=tmp_path) for flag in flags]
+
+
+def assert_one_line_error(capsys, script: str, pattern: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith(f"{script}: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert ADVICE.search(lines[0]), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, flags, yaml_text, pattern", PRETRAINING_CASES, ids=case_ids(PRETRAINING_CASES))
+def test_bad_pretraining_config_stops_in_one_line(name, flags, yaml_text, pattern, workspace, tmp_path, capsys):
+    config = CONFIGS / "default.yaml"
+    if yaml_text is not None:
+        config = tmp_path / "run.yaml"
+        config.write_text(yaml_text)
+    flags = expand(flags, workspace, tmp_path)
+    argv = ["--config", str(config), *TINY, "--cache_dir", str(workspace / "cache")]
+    argv += ["--output_dir", str(tmp_path / "out"), *flags]
+    with pytest.raises(SystemExit) as stop:
+        run_pretraining.main(argv)
+    assert stop.value.code == 2
+    assert_one_line_error(capsys, "run_pretraining.py", pattern)
+    last = max(i for i, arg in enumerate(argv) if arg == "--output_dir")
+    output_dir = Path(argv[last + 1])
+    assert not (output_dir / "checkpoints").exists() and not (output_dir / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, flags, pattern", EVAL_CASES, ids=case_ids(EVAL_CASES))
+def test_bad_eval_setting_stops_in_one_line(name, flags, pattern, tmp_path, capsys):
+    result = tmp_path / "result.json"
+    with pytest.raises(SystemExit) as stop:
+        run_eval.main(
+            ["--output", str(result), "--cache_dir", str(tmp_path / "cache"), *expand(flags, tmp_path, tmp_path)]
+        )
+    assert stop.value.code == 2
+    assert_one_line_error(capsys, "run_eval.py", pattern)
+    assert not result.exists()
+
+
+def run_script(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("GLIP_HF_DEBUG", None)
+    command = [sys.executable, str(ROOT / "run_pretraining.py"), *TINY, "--cache_dir", str(tmp_path / "cache"), *flags]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_script_prints_one_line_and_exits_2(tmp_path):
+    done = run_script(tmp_path, "--mask_ratio", "1.0")
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert re.match(r"run_pretraining\.py: error: mask_ratio .*1\.0.*--debug", lines[0]), lines[0]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_script_with_debug_shows_the_traceback(tmp_path):
+    done = run_script(tmp_path, "--mask_ratio", "1.0", "--debug")
+    assert done.returncode != 0
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "ValueError: mask_ratio" in done.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug, not a configuration error")
+
+    monkeypatch.setattr(run_pretraining, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_pretraining.main([*TINY])
+
+
+def test_a_stopped_run_exits_with_its_code(monkeypatch, capsys):
+    def stopped(*args, **kwargs):
+        raise RunStopped(
+            "stopped by SIGTERM at step 3; checkpoint-3 saved; resume with --resume_from_checkpoint latest", 143
+        )
+
+    monkeypatch.setattr(run_pretraining, "train", stopped)
+    with pytest.raises(SystemExit) as stop:
+        run_pretraining.main([*TINY])
+    assert stop.value.code == 143
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "run_pretraining.py: stopped by SIGTERM at step 3; checkpoint-3 saved; resume with "
+        "--resume_from_checkpoint latest"
+    ]
+
+
+def test_debug_env_reraises(monkeypatch):
+    monkeypatch.setenv("GLIP_HF_DEBUG", "1")
+    with pytest.raises(ValueError, match="mask_ratio"):
+        run_pretraining.main(["--mask_ratio", "1.0"])

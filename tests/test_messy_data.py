@@ -1,0 +1,268 @@
+"""Corrupt and odd data: odd-but-valid images are converted right, bad samples are skipped and counted, and training
+and every evaluation task complete on a messy dataset and on damaged webdataset shards."""
+
+import io
+import json
+import warnings
+
+import datasets
+import numpy as np
+import pytest
+from accelerate.state import AcceleratorState
+from conftest import TEXT_LEN
+from datasets_util import (
+    BAD_KINDS,
+    ODD_KINDS,
+    encode_image,
+    exif_rotated_jpeg,
+    grey_16bit,
+    make_messy_dataset,
+    make_messy_webdataset,
+    transparent_palette,
+    transparent_rgba,
+)
+from PIL import Image, ImageFile
+
+from glip_hf.arguments import DataArguments, EvalArguments, parse_run_args
+from glip_hf.data import (
+    ImageTextCollator,
+    check_tar_shard,
+    decode_image,
+    load_image,
+    load_image_text_dataset,
+    prepare_for_decoding,
+)
+from glip_hf.evaluation import evaluate_model, summary_line
+from glip_hf.synthetic import render_example_scene
+from glip_hf.training import train
+
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+QUADRANTS = ((220, 30, 30), (30, 180, 40), (40, 60, 220), (240, 210, 20))  # top-left, top-right, bottom-...
+JPEG_TOLERANCE = 12  # mean absolute error (0-255) allowed after a quality-95 JPEG round trip
+
+
+def quadrant_image(width: int = 40, height: int = 24) -> Image.Image:
+    """Four flat colours, one per quadrant, on a non-square canvas: any rotation or flip shows."""
+    image = Image.new("RGB", (width, height))
+    for i, colour in enumerate(QUADRANTS):
+        left, top = (i % 2) * width // 2, (i // 2) * height // 2
+        image.paste(colour, (left, top, left + width // 2, top + height // 2))
+    return image
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float64)
+
+
+def mean_error(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+# ------------------------------------------------------------------------------------- (a) the decoder
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_rotated_photos_come_out_upright(orientation):
+    upright = quadrant_image()
+    decoded = decode_image(exif_rotated_jpeg(upright, orientation))
+    assert decoded.mode == "RGB" and decoded.size == upright.size  # not the stored (sideways) 24 x 40
+    assert mean_error(decoded, upright) < JPEG_TOLERANCE
+
+
+def test_16_bit_32_bit_and_float_images_are_scaled_not_clipped():
+    grey = render_example_scene(24, seed=5).convert("L")
+    decoded = decode_image(encode_image(grey_16bit(grey)))  # a PNG that opens as mode I;16
+    assert Image.open(io.BytesIO(encode_image(grey_16bit(grey)))).mode == "I;16"
+    np.testing.assert_array_equal(pixels(decoded), pixels(grey.convert("RGB")))  # v * 257 / 65535 * 255 = v
+    mid = {
+        "I;16": Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)),
+        "I": Image.fromarray(np.full((4, 4), 32768, dtype=np.int32)),
+        "F": Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)),
+    }
+    for mode, image in mid.items():
+        assert image.mode == mode
+        assert decode_image(image).getpixel((0, 0)) == (128, 128, 128), mode  # mid-grey, not white (or black)
+    ramp = Image.fromarray(np.linspace(-5.0, 5.0, 16, dtype=np.float32).reshape(4, 4))  # out of [0, 1]: min-max
+    assert decode_image(ramp).getpixel((0, 0)) == (0, 0, 0) and decode_image(ramp).getpixel((3, 3)) == (255,) * 3
+
+
+def test_transparent_pixels_become_white():
+    scene = quadrant_image()
+    rgba = decode_image(encode_image(transparent_rgba(scene)))
+    assert rgba.getpixel((0, 0)) == (255, 255, 255) and rgba.getpixel((5, 20)) == (255, 255, 255)
+    assert rgba.getpixel((35, 2)) == QUADRANTS[1] and rgba.getpixel((35, 20)) == QUADRANTS[3]
+    half = Image.new("RGBA", (2, 2), (255, 0, 0, 128))  # half-transparent red over white: pink
+    assert decode_image(half).getpixel((0, 0)) == (255, 127, 127)
+    la = Image.new("LA", (2, 2), (0, 0))  # transparent black
+    assert decode_image(la).getpixel((0, 0)) == (255, 255, 255)
+    paletted = transparent_palette(scene)
+    decoded = decode_image(encode_image(paletted, transparency=15))
+    assert decoded.getpixel((3, 3)) == (255, 255, 255)  # the transparent index, not its black palette colour
+    expected = paletted.convert("RGB").getpixel((3, 20))
+    assert decoded.getpixel((3, 20)) == expected and max(abs(a - b) for a, b in zip(expected, QUADRANTS[2])) < 16
+
+
+def test_cmyk_grayscale_and_extreme_sizes_are_converted():
+    scene = quadrant_image()
+    assert mean_error(decode_image(encode_image(scene.convert("CMYK"), "JPEG", quality=95)), scene) < JPEG_TOLERANCE
+    grey = decode_image(encode_image(scene.convert("L")))
+    np.testing.assert_array_equal(pixels(grey), pixels(scene.convert("L").convert("RGB")))
+    one = decode_image(encode_image(Image.new("RGB", (1, 1), (10, 20, 30))))
+    assert one.size == (1, 1) and one.getpixel((0, 0)) == (10, 20, 30)
+    wide = decode_image(encode_image(scene.resize((10000, 10))))
+    assert wide.size == (10000, 10) and wide.mode == "RGB"
+
+
+def test_truncated_jpegs_zero_bytes_and_missing_files_are_skipped_for_their_reason(tmp_path):
+    jpeg = encode_image(render_example_scene(32), "JPEG")
+    assert load_image({"bytes": jpeg[: len(jpeg) // 2], "path": None}) == "undecodable_image"
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES  # truncated data stays an error, globally too
+    assert load_image(b"GIF89a and then nothing") == "undecodable_image"
+    assert load_image({"bytes": b"", "path": None}) == "empty_image"
+    assert load_image({"bytes": b"", "path": "000001.jpg"}) == "empty_image"  # a webdataset member of 0 bytes
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert load_image(str(tmp_path / "empty.png")) == "empty_image"
+    assert load_image(str(tmp_path / "gone.png")) == "missing_image"
+    assert load_image({"bytes": None, "path": None}) == load_image(None) == "missing_image"
+    assert isinstance(load_image({"bytes": jpeg, "path": "not/there.jpg"}), Image.Image)  # bytes win over paths
+
+
+def test_captions_longer_than_the_context_are_truncated_and_end_with_eos(tokenizer):
+    collator = ImageTextCollator(tokenizer, 12, MEAN, STD, max_length=TEXT_LEN)
+    image = {"bytes": encode_image(render_example_scene(16)), "path": None}
+    batch = collator([{"image": image, "caption": "a red circle and " + "a very big blue star " * 80}])
+    ids, mask = batch["input_ids"][0], batch["attention_mask"][0]
+    assert ids.shape == (TEXT_LEN,) and mask.all()
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert (ids == tokenizer.eos_token_id).sum() == 1
+
+
+# ------------------------------------------------------------------------------ (b) the messy dataset
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory):
+    return make_messy_dataset(tmp_path_factory.mktemp("messy") / "saved")
+
+
+def test_the_collator_counts_every_bad_row_and_converts_every_odd_one(messy, tokenizer):
+    path, expected = messy
+    split = prepare_for_decoding(datasets.load_from_disk(str(path))["train"], ["image"])
+    bad = sum(kind in BAD_KINDS for kind in split["kind"])
+    assert bad / len(split) == 0.05 and sorted(k for k in split["kind"] if k in ODD_KINDS) == sorted(ODD_KINDS)
+    collator = ImageTextCollator(tokenizer, 12, MEAN, STD, max_length=TEXT_LEN)
+    batch = collator([{"__index__": i, **row} for i, row in enumerate(split)])
+    assert dict(batch["skipped"]) == expected
+    assert batch["pixel_values"].shape == (len(split) - bad, 3, 12, 12)
+    for index, row in enumerate(split):
+        result = collator.process(row, index)
+        if row["kind"] in BAD_KINDS:
+            assert result == BAD_KINDS[row["kind"]], row["kind"]
+        else:
+            assert not isinstance(result, str), (row["kind"], result)
+
+
+# -------------------------------------------------------------------------------------- (c) training
+
+TINY = [
+    *("--image_size", "16", "--patch_size", "4", "--projection_dim", "16", "--max_text_length", "16"),
+    *("--vision_hidden_size", "32", "--vision_layers", "2", "--vision_heads", "2", "--vision_intermediate_size", "37"),
+    *("--text_hidden_size", "32", "--text_layers", "2", "--text_heads", "2", "--text_intermediate_size", "37"),
+    *("--tokenizer_vocab_size", "600", "--report_to", "none", "--logging_steps", "1", "--warmup_steps", "1"),
+    *("--eval_at_end", "false", "--save_steps", "1000", "--cpu", "true"),
+]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def run(tmp_path, *flags: str):
+    """Train the tiny model; returns the result and its train_summary.json."""
+    argv = [*TINY, "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), *flags]
+    result = train(*parse_run_args(argv))
+    return result, json.loads((tmp_path / "out" / "train_summary.json").read_text())
+
+
+def test_training_on_the_messy_dataset_skips_exactly_the_bad_rows(messy, tmp_path, fresh_accelerator_state):
+    path, expected = messy
+    # 100 rows in batches of 10, one epoch: every row is seen exactly once (no partial batch is dropped).
+    flags = ["--dataset_name", str(path), "--num_train_epochs", "1", "--per_device_train_batch_size", "10"]
+    result, summary = run(tmp_path, *flags)
+    assert result.steps == 10 and summary["steps"] == 10
+    assert {k: v for k, v in summary["skipped"].items() if v} == expected and summary["num_skipped"] == 5
+    assert summary["empty_steps"] == 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_training_on_damaged_webdataset_shards(tmp_path, streaming, fresh_accelerator_state):
+    root, expected, rows = make_messy_webdataset(tmp_path / "shards")
+    flags = ["--dataset_name", "webdataset", "--data_files", str(root / "*.tar")]
+    flags += ["--image_column", "jpg", "--caption_column", "txt", "--per_device_train_batch_size", "5"]
+    # Every readable sample once: one epoch of map-style batches, or as many steps of the stream.
+    flags += ["--streaming", "true", "--max_steps", str(rows // 5)] if streaming else ["--num_train_epochs", "1"]
+    with pytest.warns(UserWarning, match=r"webdataset shard .*00002\.tar is truncated .* first 4 sample"):
+        result, summary = run(tmp_path, *flags)
+    assert result.steps == rows // 5 == 4
+    assert {k: v for k, v in summary["skipped"].items() if v} == expected
+
+
+# ----------------------------------------------------------------------------------- (d) evaluation
+
+
+@pytest.mark.filterwarnings("ignore:.*captions are also the caption of another image")
+@pytest.mark.parametrize("task", ["zeroshot_classification", "retrieval", "linear_probe"])
+def test_every_eval_task_completes_on_the_messy_dataset(messy, saved_model_dir, task):
+    path, expected = messy
+    images_only = {k: v for k, v in expected.items() if k != "missing_caption"}
+    want = {
+        "zeroshot_classification": images_only,  # captions are not read
+        "retrieval": expected,  # a row without caption text cannot be retrieved: skipped
+        "linear_probe": {k: 2 * v for k, v in images_only.items()},  # train and test splits
+    }[task]
+    args = EvalArguments(model=str(saved_model_dir), dataset=str(path), task=task, batch_size=16)
+    result = evaluate_model(args)
+    json.dumps(result)
+    assert {k: v for k, v in result["skipped"].items() if v} == want
+    assert result["num_skipped"] == sum(want.values())
+    assert result["num_samples"] == 100 - sum(want.values()) // (2 if task == "linear_probe" else 1)
+    assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
+    line = summary_line(result)
+    assert f"skipped={result['num_skipped']} (" in line and f"undecodable_image {want['undecodable_image']}" in line
+
+
+# ---------------------------------------------------------------------------- webdataset loading path
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_shards_missing_members_or_cut_short_load_what_is_whole(tmp_path, streaming):
+    root, _, rows = make_messy_webdataset(tmp_path / "shards")
+    args = DataArguments(
+        dataset_name="webdataset", data_files=str(root / "*.tar"), streaming=streaming, cache_dir=str(tmp_path / "c")
+    )
+    with pytest.warns(UserWarning, match="00002.tar") as caught:
+        dataset = load_image_text_dataset(args, "train")
+    assert sum("webdataset shard" in str(w.message) for w in caught) == 1  # one line, naming the shard
+    loaded = list(prepare_for_decoding(dataset, ["jpg"]))  # undecoded: some jpg members are not images
+    assert [row["__key__"] for row in loaded] == [f"{i:06d}" for i in range(rows)]
+    assert loaded[1]["txt"] is None and loaded[3]["jpg"] is None  # samples 1 and 3 lack a member
+    assert check_tar_shard(root / "00000.tar").intact and not check_tar_shard(root / "00002.tar").intact
+
+
+def test_a_shard_with_no_whole_sample_is_left_out_and_intact_shards_are_read_in_place(tmp_path):
+    root, _, rows = make_messy_webdataset(tmp_path / "shards")
+    (root / "00003.tar").write_bytes((root / "00000.tar").read_bytes()[:700])  # cut inside its first member
+    args = DataArguments(dataset_name="webdataset", data_files=str(root / "*.tar"), cache_dir=str(tmp_path / "c"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = load_image_text_dataset(args, "train")
+    messages = [str(w.message) for w in caught if "webdataset shard" in str(w.message)]
+    assert len(messages) == 2 and "00003.tar" in messages[1] and "left out" in messages[1]
+    assert len(dataset) == rows
+    # The intact shards are read where they are; of 00002.tar, a copy of its whole members.
+    urls = set(dataset["__url__"])
+    repaired = urls - {str(root / "00000.tar"), str(root / "00001.tar")}
+    assert len(urls) == 3 and len(repaired) == 1
+    assert repaired.pop().startswith(str(tmp_path / "c" / "datasets" / "repaired-shards"))

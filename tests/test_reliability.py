@@ -1,0 +1,376 @@
+"""Reliability promises, each proven against the real script: stop signals, SIGKILL and resume (bit-exact), a kill in
+the middle of a checkpoint, non-finite steps, and earlier runs that are never overwritten by mistake."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils.other import load as accelerate_load
+from safetensors.torch import load_file
+
+from glip_hf.arguments import parse_run_args
+from glip_hf.checkpointing import list_checkpoints, resolve_checkpoint
+from glip_hf.cli import RunStopped
+from glip_hf.losses import MAX_LOGIT_SCALE
+from glip_hf.modeling_glip import GLIPModel
+from glip_hf.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = (
+    "--image_size 16 --patch_size 4 --vision_hidden_size 32 --vision_layers 2 --vision_heads 2 "
+    "--vision_intermediate_size 37 --text_hidden_size 32 --text_layers 2 --text_heads 2 --text_intermediate_size 37 "
+    "--projection_dim 16 --max_text_length 16 --tokenizer_vocab_size 600 --synthetic_num_train 40 "
+    "--synthetic_num_test 36 --per_device_train_batch_size 8 --report_to none --logging_steps 1 --warmup_steps 1 "
+    "--eval_at_end false"
+).split()
+STEPS = 24  # 5 batches per epoch: the runs cross epochs, and the last 4 steps are unmasked tuning
+RUN = [*TINY, "--max_steps", str(STEPS - 4), "--unmasked_tuning_steps", "4", "--save_total_limit", "3"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def start(output_dir: Path, cache: Path, *flags: str) -> subprocess.Popen:
+    """``python run_pretraining.py`` in its own session (signals reach it alone), one thread, output captured."""
+    command = [sys.executable, "run_pretraining.py", *RUN, "--cache_dir", str(cache), "--output_dir", str(output_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [*command, *flags],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def logged_step(output_dir: Path) -> int:
+    """The last step ``metrics.jsonl`` records (complete lines only)."""
+    path = output_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().split("\n")[:-1] if line.strip()]
+    return steps[-1] if steps else 0
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 240, poll: float = 0.002) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before {what}:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+
+
+def assert_same_weights(expected_dir: Path, actual_dir: Path) -> None:
+    expected, actual = load_file(expected_dir / "model.safetensors"), load_file(actual_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    different = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache) -> Path:
+    """The reference: the same run, never interrupted."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    code, output = finish(start(output_dir, cache, "--save_steps", "100"))
+    assert code == 0, output
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------- stop signals
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_checkpoints_the_current_step_and_resume_matches_an_uninterrupted_run(
+    tmp_path, cache, uninterrupted, signum
+):
+    output_dir = tmp_path / "run"
+    process = start(output_dir, cache, "--save_steps", "5")
+    wait_for(lambda: list_checkpoints(output_dir), process, "the first checkpoint")
+    process.send_signal(signum)
+    code, output = finish(process)
+    assert code == 128 + signum, output
+    stopped = re.search(rf"stopped by {signum.name} after step (\d+): saved (\S+checkpoint-(\d+))", output)
+    assert stopped, output
+    step = int(stopped.group(1))
+    assert stopped.group(3) == str(step) and 5 <= step < STEPS
+    assert list_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"  # the step it stopped at, saved
+    assert "Traceback" not in output
+    assert not (output_dir / "model.safetensors").exists()
+
+    code, output = finish(start(output_dir, cache, "--save_steps", "5", "--resume_from_checkpoint", "latest"))
+    assert code == 0, output
+    assert f"at step {step}," in output  # "Resumed from .../checkpoint-<step> at step <step>, epoch ..."
+    assert_same_weights(uninterrupted, output_dir)
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # each step logged once, across the stop
+    print(f"{signum.name} stopped the run after step {step}; resumed, weights bit-identical")
+
+
+def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint(tmp_path, cache):
+    """Two gloo processes under ``accelerate launch --multi_gpu``: torch's launcher forwards SIGTERM to both, which
+    agree on the step, write one checkpoint together and stop."""
+    output_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", "29539", "run_pretraining.py", *RUN, "--cache_dir", str(cache)]
+    command += ["--output_dir", str(output_dir), "--save_steps", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    wait_for(lambda: list_checkpoints(output_dir), process, "the first checkpoint", poll=0.01)
+    process.send_signal(signal.SIGTERM)  # to the launcher only, as a scheduler signals the job's main process
+    code, output = finish(process)
+    assert code != 0, output
+    stops = re.findall(r"stopped by (SIGTERM|a stop signal) after step (\d+)", output)
+    assert len({step for _, step in stops}) == 1 and stops, output  # both processes, one step
+    step = int(stops[0][1])
+    assert list_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
+    assert sorted(p.name for p in list_checkpoints(output_dir)[-1].glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
+
+
+# ------------------------------------------------------------------------------------------- kill and resume
+
+
+def kill_mid_checkpoint(process: subprocess.Popen, output_dir: Path, timeout: float = 240) -> str:
+    """Freeze the run as soon as a temporary checkpoint directory exists; if it is still there (the checkpoint is
+    being written), SIGKILL the run, else let it go on and wait for the next one. Returns the partial one's name."""
+    root = output_dir / "checkpoints"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before a kill mid-checkpoint:\n{process.stdout.read()}")
+        partial = [p.name for p in root.glob(".tmp-checkpoint-*")] if root.is_dir() else []
+        if partial:
+            os.kill(process.pid, signal.SIGSTOP)
+            still = [p.name for p in root.glob(".tmp-checkpoint-*")]
+            if still:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                return still[0]
+            os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.0005)
+    process.kill()
+    raise AssertionError("never caught a checkpoint being written")
+
+
+def test_sigkill_at_a_random_step_and_mid_checkpoint_then_resume_is_bit_exact(tmp_path, cache, uninterrupted):
+    output_dir = tmp_path / "run"
+    # 1. SIGKILL at a random step after the first checkpoint (step 3).
+    target = random.randint(4, STEPS - 8)
+    process = start(output_dir, cache, "--save_steps", "3")
+    wait_for(lambda: logged_step(output_dir) >= target, process, f"step {target}")
+    process.kill()
+    process.wait()
+    killed_at = logged_step(output_dir)
+    assert not (output_dir / "model.safetensors").exists(), "the run finished before it was killed"
+    latest = resolve_checkpoint("latest", output_dir)
+    assert 3 <= int(latest.name.split("-")[1]) <= killed_at, (latest, killed_at)
+
+    # 2. Resume, and SIGKILL it while it writes a checkpoint (one per step now).
+    process = start(output_dir, cache, "--save_steps", "1", "--resume_from_checkpoint", "latest")
+    partial = kill_mid_checkpoint(process, output_dir)
+    partial_step = int(partial.rsplit("-", 1)[1])
+    assert (output_dir / "checkpoints" / partial).is_dir()
+    latest = resolve_checkpoint("latest", output_dir)
+    assert int(latest.name.split("-")[1]) == partial_step - 1, "latest must be the last complete checkpoint"
+    assert all((c / "progress.json").is_file() for c in list_checkpoints(output_dir))
+
+    # 3. Resume to the end: the same weights, bit for bit, as the run that was never interrupted.
+    code, output = finish(start(output_dir, cache, "--save_steps", "5", "--resume_from_checkpoint", "latest"))
+    assert code == 0, output
+    assert_same_weights(uninterrupted, output_dir)
+    assert not list((output_dir / "checkpoints").glob(".tmp-*")), "the partial checkpoint was not cleaned up"
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), f"killed at {killed_at}, then mid-checkpoint {partial_step}"
+    print(f"SIGKILL at step {killed_at} and while writing {partial}: resumed twice, weights bit-identical")
+
+
+def test_incomplete_checkpoints_are_never_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in [("checkpoint-4", True), ("checkpoint-8", False), (".tmp-checkpoint-12", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "progress.json").write_text("{}")
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4"]
+    assert resolve_checkpoint("latest", tmp_path).name == "checkpoint-4"
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint=latest: no complete checkpoint"):
+        resolve_checkpoint("latest", tmp_path / "elsewhere")
+    assert resolve_checkpoint("auto", tmp_path / "elsewhere") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint directory"):
+        resolve_checkpoint(str(root / "checkpoint-8"), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ non-finite steps
+
+
+def in_process(tmp_path: Path, *flags: str):
+    argv = ["--config", str(ROOT / "configs" / "default.yaml"), *RUN, "--cache_dir", str(tmp_path / "cache")]
+    return train(*parse_run_args([*argv, "--output_dir", str(tmp_path / "out"), *flags]))
+
+
+@pytest.fixture
+def inject_nan(monkeypatch):
+    """``inject_nan(calls, where)``: the listed forward passes (counted from 1) return NaN image features
+    (``where="loss"``) or finite features whose gradient is NaN (``where="gradient"``)."""
+    forward = GLIPModel.forward
+
+    def install(calls: set[int], where: str = "loss"):
+        count = {"n": 0}
+
+        def faulty(self, *args, **kwargs):
+            out = forward(self, *args, **kwargs)
+            count["n"] += 1
+            if count["n"] in calls and self.training:
+                if where == "loss":
+                    out.image_embeds = out.image_embeds * float("nan")
+                else:
+                    out.image_embeds.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+            return out
+
+        monkeypatch.setattr(GLIPModel, "forward", faulty)
+
+    return install
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_non_finite_steps_are_skipped_counted_and_leave_the_model_unchanged(tmp_path, inject_nan, where):
+    inject_nan({3, 4}, where)  # steps 3 and 4
+    in_process(tmp_path, "--max_steps", "6", "--unmasked_tuning_steps", "0", "--save_steps", "1")
+    out = tmp_path / "out"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["nonfinite_steps"] == 2 and summary["steps"] == 6
+    weights = {step: load_file(out / "checkpoints" / f"checkpoint-{step}" / "model.safetensors") for step in (4, 5)}
+    records = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert [records[s]["nonfinite_steps"] for s in (2, 3, 4, 5)] == [0, 1, 2, 2]
+    assert all(finite(t) for t in weights[5].values())
+    final = GLIPModel.from_pretrained(out)
+    assert all(torch.isfinite(p).all() for p in final.parameters())
+    assert final.logit_scale.item() <= MAX_LOGIT_SCALE
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def test_a_run_that_keeps_diverging_stops_with_its_last_checkpoint_intact(tmp_path, inject_nan):
+    inject_nan(set(range(3, 100)))  # every step from step 3 on
+    with pytest.raises(RunStopped, match=r"3 consecutive steps had a non-finite loss or gradient") as stopped:
+        in_process(tmp_path, "--save_steps", "2", "--max_nonfinite_steps", "3")
+    out = tmp_path / "out"
+    assert "stopped at step 5" in str(stopped.value) and "checkpoint-4, is intact" in str(stopped.value)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]  # nothing after the stop
+    two, four = (load_file(out / "checkpoints" / f"checkpoint-{s}" / "model.safetensors") for s in (2, 4))
+    assert all(finite(t) for t in four.values())
+    assert all(torch.equal(two[k], four[k]) for k in two), "a non-finite step updated the model"
+    assert not (out / "model.safetensors").exists()
+
+
+def test_model_is_unchanged_by_skipped_steps(tmp_path, inject_nan):
+    inject_nan({2, 3}, "loss")
+    in_process(
+        tmp_path, "--max_steps", "4", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--save_total_limit", "9"
+    )
+    checkpoints = tmp_path / "out" / "checkpoints"
+    one, three = (load_file(checkpoints / f"checkpoint-{s}" / "model.safetensors") for s in (1, 3))
+    assert all(torch.equal(one[k], three[k]) for k in one), "a skipped step changed the weights"
+    four = load_file(checkpoints / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(three[k], four[k]) for k in one), "the step after the skipped ones made no update"
+
+
+# ----------------------------------------------------------------------------------- nothing overwritten
+
+
+def test_an_earlier_run_is_never_overwritten_without_the_flag(tmp_path):
+    flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--save_total_limit", "5"]
+    in_process(tmp_path, *flags)
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(FileExistsError, match=r"output_dir=.*out holds an earlier run .*--overwrite_output_dir true"):
+        in_process(tmp_path, *flags)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "a refused run changed files"
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (out / "notes.txt").write_text("mine")
+    in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--overwrite_output_dir", "true")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]  # the earlier run's 1, 2 were cleared
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(NotADirectoryError, match="output_dir=.*is a file"):
+        in_process(tmp_path, "--output_dir", str(out / "notes.txt"))
+
+
+def test_no_pickle_is_loaded_unsafely(tmp_path):
+    """Weights are safetensors; the project never calls torch.load without weights_only=True, and its checkpoints
+    hold no pickle that Accelerate loads with weights_only=False (its custom_checkpoint files)."""
+    offenders = []
+    for path in [*ROOT.glob("glip_hf/**/*.py"), *ROOT.glob("*.py"), *ROOT.glob("benchmarks/**/*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"torch\.load\(", line) and "weights_only=True" not in line:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not offenders, offenders
+    in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--loss", "siglip")
+    checkpoint = list_checkpoints(tmp_path / "out")[-1]
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert "model.safetensors" in names and "loss.safetensors" in names
+    assert not [n for n in names if n.startswith("custom_checkpoint")], names
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not list((tmp_path / "out").glob("*.bin"))
+    for name in names:
+        if name.endswith((".bin", ".pkl")):  # optimizer, scheduler, RNG: plain tensors and numpy arrays
+            accelerate_load(checkpoint / name, weights_only=True)  # what Accelerate's load_state does
+
+
+def test_a_tokenizer_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, tokenizer):
+    from glip_hf.tokenization import load_pretrained_tokenizer
+
+    folder, marker = tmp_path / "custom", tmp_path / "code-ran"
+    tokenizer.save_pretrained(folder)
+    (folder / "custom_tokenizer.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass Custom(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="Custom", auto_map={"AutoTokenizer": [None, "custom_tokenizer.Custom"]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"runs code of its own .* --trust_remote_code true"):
+        load_pretrained_tokenizer(str(folder))
+    assert not marker.exists(), "the folder's code ran without trust_remote_code"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        in_process(tmp_path, "--tokenizer_name", str(folder), "--max_steps", "1")
+    assert not marker.exists()
+    assert type(load_pretrained_tokenizer(str(folder), trust_remote_code=True)).__name__ == "Custom"
+    assert marker.exists()
