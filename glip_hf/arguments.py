@@ -108,7 +108,7 @@ class TrainingArguments:
     adam_epsilon: float = 1e-6
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip gradients to this norm; 0 = off"})
     mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16; None = accelerate's"})
     loss: str = field(default="clip", metadata={"help": "clip (InfoNCE) or siglip (sigmoid)"})
     gradient_checkpointing: bool = False
@@ -135,6 +135,11 @@ class TrainingArguments:
     eval_at_end: bool = True
     eval_batch_size: int = 256
     cpu: bool = False
+    push_to_hub: bool = field(default=False, metadata={"help": "upload the model to the Hub (needs --hub_model_id)"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository, e.g. NAME/glip-b16"})
+    hub_flavour: str = field(default="glip", metadata={"help": "glip (with its code) or clip (plain CLIP)"})
+    hub_strategy: str = field(default="end", metadata={"help": "end, or every_save (also at each checkpoint)"})
+    hub_private: bool = False
 
 
 RUN_SECTIONS = (ModelArguments, DataArguments, TrainingArguments)
@@ -221,11 +226,12 @@ _RUN_BOUNDS = (
     ),
     (("num_workers", "warmup_steps", "unmasked_tuning_steps"), lambda v: v >= 0, "an integer >= 0"),
     (
-        ("learning_rate", "unmasked_tuning_learning_rate", "adam_epsilon", "max_grad_norm"),
+        ("learning_rate", "unmasked_tuning_learning_rate", "adam_epsilon"),
         lambda v: 0 < v < math.inf,
         "a finite number > 0",
     ),
     (("weight_decay",), lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    (("max_grad_norm",), lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: no clipping)"),
     (("warmup_ratio", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
 )
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -372,6 +378,16 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
         for name in names:
             _require(values[name] is None or test(values[name]), name, values[name], expected)
     _require(training.loss in LOSSES, "loss", training.loss, _one_of(LOSSES))
+    _require(training.hub_flavour in ("glip", "clip"), "hub_flavour", training.hub_flavour, "glip or clip")
+    _require(
+        training.hub_strategy in ("end", "every_save"), "hub_strategy", training.hub_strategy, "end or every_save"
+    )
+    _require(
+        not training.push_to_hub or bool(training.hub_model_id),
+        "hub_model_id",
+        training.hub_model_id,
+        "a repository name such as NAME/glip-b16 with --push_to_hub",
+    )
     _require(
         training.mixed_precision in MIXED_PRECISIONS,
         "mixed_precision",

@@ -14,10 +14,14 @@ import json
 import os
 import re
 import shutil
+import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
@@ -27,6 +31,32 @@ _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _TEMPORARY = (".tmp-", ".trash-")
 # What a started run leaves in its output directory; any of these marks the directory as holding a run.
 RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "train_summary.json", "model.safetensors", CHECKPOINT_DIR)
+FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that reached its end
+# Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
+RESUME_FIXED = (
+    "image_size",
+    "patch_size",
+    "vision_hidden_size",
+    "vision_layers",
+    "vision_heads",
+    "vision_intermediate_size",
+    "text_hidden_size",
+    "text_layers",
+    "text_heads",
+    "text_intermediate_size",
+    "max_text_length",
+    "projection_dim",
+    "loss",
+)
+# Settings whose checkpointed value wins on resume (the optimizer state and the schedule's base rates are restored).
+RESUME_RESTORED = (
+    "learning_rate",
+    "unmasked_tuning_learning_rate",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+)
 
 
 @dataclass
@@ -57,62 +87,134 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "progress.json").is_file()]
 
 
-def resolve_checkpoint(value: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from.
+@dataclass
+class StartPlan:
+    """How a run starts in its output directory (see `plan_start`)."""
 
-    ``latest``: the newest complete checkpoint of ``output_dir``, an error if there is none. ``auto``: the same, or
-    None (start from scratch): one command for the first launch of a job and every requeue. Else a directory."""
-    if value in ("latest", "auto"):
-        checkpoints = list_checkpoints(output_dir)
-        if checkpoints:
-            return checkpoints[-1]
-        if value == "auto":
-            return None
-        raise FileNotFoundError(
-            f"resume_from_checkpoint=latest: no complete checkpoint in {Path(output_dir) / CHECKPOINT_DIR}; "
-            "drop the flag to start a new run, or pass auto to resume only when one exists."
-        )
-    path = Path(value)
-    if not (path / "progress.json").is_file():
-        raise FileNotFoundError(
-            f"resume_from_checkpoint={value} is not a complete checkpoint directory (no progress.json); "
-            "pass latest, auto or a checkpoints/checkpoint-<step> directory."
-        )
-    return path
+    checkpoint: Path | None  # resume from here; None: start from scratch
+    replaced: list[str]  # the earlier run's marker files that are replaced (the run's own files are cleared)
+    abandoned: list[Path]  # checkpoints newer than the one resumed: moved aside, never deleted
 
 
-def prepare_output_dir(output_dir: str | Path, overwrite: bool, resuming: bool) -> list[str]:
-    """Check that a run may write into ``output_dir``; returns the earlier run's files it will replace.
+def plan_start(output_dir: str | Path, resume: str | None, overwrite: bool) -> StartPlan:
+    """Check that a run may start in ``output_dir`` and from where; nothing is written (call it on every process).
 
-    Call it on every process before anything is written. An earlier run's directory is only written into when
-    resuming it or with ``overwrite`` (then its checkpoints and metrics are cleared by ``clear_earlier_run``)."""
+    ``resume``: None (a new run: refused over an earlier run unless ``overwrite``); ``latest`` (the newest complete
+    checkpoint, an error if none); ``auto`` (the same, or a new run when the directory holds none, unless it holds a
+    finished run); or a checkpoint directory. Resuming an older checkpoint of this run sets the newer ones aside
+    (the run branches there), so that ``latest`` and the keep-limit never mix the two branches."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"output_dir={path} is a file; pass a directory path to --output_dir.")
     found = [name for name in RUN_MARKERS if (path / name).exists()]
-    if found and not resuming and not overwrite:
+    checkpoints = list_checkpoints(path)
+    checkpoint = None
+    if resume in ("latest", "auto"):
+        checkpoint = checkpoints[-1] if checkpoints else None
+        if checkpoint is None and resume == "latest":
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=latest: no complete checkpoint in {path / CHECKPOINT_DIR}; drop the flag to "
+                "start a new run, or pass auto to resume only when one exists."
+            )
+        finished = [name for name in FINISHED_MARKERS if (path / name).exists()]
+        if checkpoint is None and finished and not overwrite:
+            raise FileExistsError(
+                f"resume_from_checkpoint=auto: output_dir={path} holds a finished run ({', '.join(finished)}) but no "
+                "checkpoint; pass --overwrite_output_dir true to replace it, or another --output_dir."
+            )
+    elif resume is not None:
+        checkpoint = Path(resume)
+        if not (checkpoint / "progress.json").is_file():
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={resume} is not a complete checkpoint directory (no progress.json); "
+                "pass latest, auto or a checkpoints/checkpoint-<step> directory."
+            )
+    ours = checkpoint is not None and checkpoint.resolve().parent == (path / CHECKPOINT_DIR).resolve()
+    if found and not overwrite and not ours and not (resume == "auto" and checkpoint is None):
+        where = f"resuming {checkpoint} (another run's checkpoint) into it" if checkpoint else "a new run"
         raise FileExistsError(
-            f"output_dir={path} holds an earlier run ({', '.join(found)}); pass --resume_from_checkpoint latest to "
-            "continue it, --overwrite_output_dir true to replace it, or another --output_dir."
+            f"output_dir={path} holds an earlier run ({', '.join(found)}) and this is {where}; pass "
+            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to replace it, "
+            "or another --output_dir."
         )
-    return found if overwrite and not resuming else []
+    replaced = found if checkpoint is None or not ours else []
+    step = _step(checkpoint) if ours else None
+    abandoned = [c for c in checkpoints if step is not None and _step(c) > step]
+    return StartPlan(checkpoint, replaced, abandoned)
 
 
-def clear_earlier_run(output_dir: str | Path) -> None:
-    """Remove the files of an earlier run that would mix with a new one (its checkpoints, metrics, summary)."""
-    path = Path(output_dir)
-    _discard(path / CHECKPOINT_DIR)
-    for name in ("metrics.jsonl", "train_summary.json"):
-        (path / name).unlink(missing_ok=True)
+def resolve_checkpoint(value: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint ``--resume_from_checkpoint value`` names (None: ``auto`` with none yet); see `plan_start`."""
+    return plan_start(output_dir, value, overwrite=True).checkpoint
+
+
+def apply_start(plan: StartPlan, output_dir: str | Path) -> None:
+    """Main process: clear what ``plan`` replaces (an earlier run's checkpoints and metrics, nothing else) and set
+    abandoned checkpoints aside in ``checkpoints/abandoned-<time>/``."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if plan.replaced:
+        for entry in root.iterdir() if root.is_dir() else []:
+            if _PATTERN.match(entry.name) or entry.name.startswith(_TEMPORARY):
+                _discard(entry)
+        for name in ("metrics.jsonl", "train_summary.json"):
+            (Path(output_dir) / name).unlink(missing_ok=True)
+    if plan.abandoned:
+        aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for checkpoint in plan.abandoned:
+            checkpoint.rename(aside / checkpoint.name)
+        print(f"Resuming from {plan.checkpoint}: its newer checkpoints were moved to {aside}.")
+
+
+def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int) -> None:
+    """One-line error if ``config`` changes what the checkpoint cannot take (parameter shapes, loss); warnings for
+    settings the checkpoint's own values override, and for a different number of processes."""
+    saved = checkpoint / "run_config.yaml"
+    if saved.is_file():
+        before = yaml.safe_load(saved.read_text()) or {}
+        changed = [
+            f"{k}={before[k]!r} (now {config.get(k)!r})" for k in RESUME_FIXED if before.get(k) != config.get(k)
+        ]
+        if changed:
+            raise ValueError(
+                f"resume_from_checkpoint={checkpoint} was written with {', '.join(changed)}; resume with the "
+                "checkpoint's settings, or start a new run."
+            )
+        kept = [f"{k}={before[k]!r}" for k in RESUME_RESTORED if k in before and before[k] != config.get(k)]
+        if kept:
+            warnings.warn(
+                f"resuming {checkpoint} keeps its optimizer state and base learning rates: {', '.join(kept)} "
+                "(the command line's values for these have no effect).",
+                stacklevel=2,
+            )
+    ranks = len(list(checkpoint.glob("random_states_*.pkl")))
+    if ranks and ranks != num_processes:
+        warnings.warn(
+            f"{checkpoint} was written by {ranks} process(es) and is resumed by {num_processes}: the data sharding "
+            "and patch masks differ from an uninterrupted run from here on.",
+            stacklevel=2,
+        )
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a killed run logged after the checkpoint it resumes from (they are logged again)."""
+    """Drop the records a killed run logged after the checkpoint it resumes from (they are logged again), and any
+    line a kill cut short."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _step(checkpoint: Path) -> int:
+    match = _PATTERN.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
 
 
 def save_checkpoint(
@@ -122,6 +224,7 @@ def save_checkpoint(
     keep: int,
     tokenizer=None,
     loss_fn: torch.nn.Module | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/checkpoint-<step>`` atomically and keep the last ``keep`` (all processes call this).
 
@@ -144,6 +247,8 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()}, tmp / LOSS_STATE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if run_config is not None:
+            (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         progress.save(tmp)
         _sync_tree(tmp)
         if final.exists():

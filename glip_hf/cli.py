@@ -15,7 +15,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 CONFIG_ERROR_EXIT = 2  # argparse's status for a bad command line
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "GLIP_HF_DEBUG"
@@ -49,7 +49,7 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None, 
         prog: the name the messages start with; default the running script's.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false")
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").lower() not in ("", "0", "false", "no", "off")
     argv = [arg for arg in argv if arg != DEBUG_FLAG]
     prog = prog or os.path.basename(sys.argv[0])
     try:

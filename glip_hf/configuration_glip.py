@@ -105,5 +105,11 @@ class GLIPConfig(CLIPConfig):
     mask_strategy = _masking_property("mask_strategy")
     mask_sigma = _masking_property("mask_sigma")
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # The towers' own `projection_dim` (what GLIPVisionModelWithProjection builds from) follows the model's.
+        if self.projection_dim is not None:
+            self.vision_config.projection_dim = self.text_config.projection_dim = self.projection_dim
+
 
 __all__ = ["GLIPConfig", "GLIPVisionConfig", "MASKING_FIELDS", "MASK_STRATEGIES"]

@@ -16,6 +16,7 @@ import io
 import math
 import os
 import random
+import socket
 import tarfile
 import warnings
 from collections import Counter
@@ -54,10 +55,14 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
     data_files, data_dir, features = args.data_files, args.data_dir, None
     if data_files is not None and not any(ch in data_files for ch in "*?[") and not Path(data_files).exists():
         raise FileNotFoundError(f"data_files {data_files} does not exist; pass an existing file or a glob.")
-    if name == "webdataset" and data_files is not None:
-        checked = check_webdataset_shards(data_files, data_dir, Path(args.cache_dir) / "datasets" / "repaired-shards")
+    if name == "webdataset" and (data_files is not None or data_dir is not None):
+        # With --data_dir alone, the split's shards are found as datasets finds them (train-*.tar, test-*.tar, ...).
+        patterns = data_files if data_files is not None else _split_patterns(data_dir, split)
+        repair_dir = Path(args.cache_dir) / "datasets" / "repaired-shards"
+        checked = check_webdataset_shards(patterns, data_dir, repair_dir) if patterns else None
         if checked is not None:
-            (data_files, features), data_dir = checked, None
+            shards, features = checked
+            data_files, data_dir = (shards if data_files is not None else {split: shards}), None
     try:
         return datasets.load_dataset(
             name,
@@ -149,7 +154,7 @@ def _repaired_copy(check: TarShardCheck, directory: Path) -> Path:
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    partial = target.with_name(f"{target.name}.{socket.gethostname()}-{os.getpid()}.partial")  # unique per node
     with check.path.open("rb") as source, partial.open("wb") as copy:
         remaining = check.data_end
         while remaining:
@@ -210,8 +215,18 @@ def webdataset_features(first_shard: Path) -> datasets.Features | None:
     return datasets.Features({**columns, "__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
 
 
+def _split_patterns(data_dir: str, split: str) -> list[str]:
+    """The file patterns datasets infers for ``split`` in ``data_dir`` (all files when no split is named)."""
+    base = Path(data_dir).expanduser().resolve().as_posix()
+    try:
+        patterns = datasets.data_files.get_data_patterns(base)
+    except FileNotFoundError:
+        return []
+    return list(patterns.get(split, []))
+
+
 def check_webdataset_shards(
-    data_files: str, data_dir: str | None, repair_dir: Path
+    data_files: str | list[str], data_dir: str | None, repair_dir: Path
 ) -> tuple[list[str], datasets.Features | None] | None:
     """The shards to load for local ``.tar`` webdataset ``data_files``, and the column types if they need giving.
 
@@ -224,9 +239,13 @@ def check_webdataset_shards(
     files (remote and compressed shards go to datasets untouched).
     """
     base = Path(data_dir or "").expanduser().resolve().as_posix()
-    try:
-        files = datasets.data_files.resolve_pattern(data_files, base)
-    except FileNotFoundError:
+    files: list[str] = []
+    for pattern in [data_files] if isinstance(data_files, str) else data_files:
+        try:
+            files += [f for f in datasets.data_files.resolve_pattern(pattern, base) if f not in files]
+        except FileNotFoundError:
+            continue
+    if not files:
         return None
     if not all(Path(file).suffix == ".tar" and Path(file).is_file() for file in files):
         return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import CLIPModel, CLIPVisionModel
+from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPVisionEmbeddings
 
@@ -131,6 +131,27 @@ class GLIPVisionModel(CLIPVisionModel, GLIPPreTrainedModel):
         super().__init__(config)
         self.embeddings = GLIPVisionEmbeddings(config)
         self.post_init()  # initialise the swapped module as CLIP does
+
+
+class GLIPVisionModelWithProjection(CLIPVisionModelWithProjection, GLIPPreTrainedModel):
+    """[`transformers.CLIPVisionModelWithProjection`] with [`GLIPVisionEmbeddings`]: ``image_embeds`` ``(B, P)``.
+
+    Loads the vision tower and projection of a full GLIP (or CLIP) checkpoint, as CLIP's class does:
+
+    ```python
+    >>> from glip_hf import GLIPVisionModelWithProjection
+    >>> model = GLIPVisionModelWithProjection.from_pretrained("outputs/default")
+    >>> model(pixel_values=pixels).image_embeds  # (B, projection_dim), unnormalised
+    ```"""
+
+    config: GLIPVisionConfig
+    config_class = GLIPVisionConfig
+    base_model_prefix = "vision_model"
+
+    def __init__(self, config: GLIPVisionConfig):
+        super().__init__(config)
+        self.vision_model = GLIPVisionModel._from_config(config)
+        self.post_init()
 
 
 class GLIPModel(CLIPModel, GLIPPreTrainedModel):

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from .arguments import DataArguments, ModelArguments, TrainingArguments, to_flat_dict
 from .checkpointing import (
     TrainingProgress,
-    clear_earlier_run,
+    apply_start,
+    check_resume,
     list_checkpoints,
     load_loss_state,
-    prepare_output_dir,
-    resolve_checkpoint,
+    plan_start,
     save_checkpoint,
     truncate_metrics,
 )
@@ -58,6 +58,8 @@ from .seeding import seed_mask_stream
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
 from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
 from .tracking import MetricsLog, plot_loss_curve, resolve_report_to
+
+DIVERGED_EXIT = 3  # the exit status of a run stopped by --max_nonfinite_steps (a crash exits 1, a signal 128 + n)
 
 
 @dataclass
@@ -272,13 +274,6 @@ def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerat
     return loss.detach()
 
 
-def _print_config(accelerator: Accelerator, values: dict[str, Any], output_dir: Path) -> None:
-    if accelerator.is_main_process:
-        text = yaml.safe_dump(values, sort_keys=False)
-        print(f"Resolved run config:\n{text}", flush=True)
-        (output_dir / "run_config.yaml").write_text(text)
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
     """Run pre-training as configured; returns where the model went and what it measured."""
     output_dir = Path(training_args.output_dir)
@@ -293,21 +288,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     check_launch(accelerator)
     # Everything a user can get wrong about the run directory or the starting point fails here, before any write.
-    replaced = prepare_output_dir(
-        output_dir, training_args.overwrite_output_dir, bool(training_args.resume_from_checkpoint)
-    )
-    checkpoint = None
-    if training_args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+    run_config = to_flat_dict(model_args, data_args, training_args)
+    plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
+    checkpoint = plan.checkpoint
+    if checkpoint is not None:
+        check_resume(checkpoint, run_config, accelerator.num_processes)
     if model_args.init_from:
         check_init_from(model_args.init_from)
+    if training_args.push_to_hub:
+        from .hub import check_hub_token
+
+        check_hub_token()  # now, not after days of training
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process and (replaced or (training_args.resume_from_checkpoint and checkpoint is None)):
-        clear_earlier_run(output_dir)  # --overwrite_output_dir, or `auto` restarting a run killed before a checkpoint
-        if replaced:
-            print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(replaced)}).")
+    if accelerator.is_main_process:
+        apply_start(plan, output_dir)
+        if plan.replaced and training_args.overwrite_output_dir:
+            print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(plan.replaced)}).")
     output_dir.mkdir(parents=True, exist_ok=True)
-    _print_config(accelerator, to_flat_dict(model_args, data_args, training_args), output_dir)
+    accelerator.print(f"Resolved run config:\n{yaml.safe_dump(run_config, sort_keys=False)}")
     set_seed(training_args.seed)
 
     with accelerator.main_process_first():
@@ -342,6 +340,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     main_steps = _main_steps(dataloader, training_args, accelerator, data_args.streaming)
     scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
     seed_mask_stream(training_args.seed, accelerator.process_index)  # a resume restores the per-process state
+    if accelerator.is_main_process:  # written once every check has passed: a failed start leaves no run behind
+        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
 
     progress = TrainingProgress()
     if checkpoint is not None:
@@ -367,6 +367,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         training_args,
         main_steps,
         progress,
+        run_config,
+        image_processor,
     )
     batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
     metrics = _train_loop(run, batches)
@@ -464,6 +466,8 @@ class _Run:
     args: TrainingArguments
     main_steps: int
     progress: TrainingProgress
+    config: dict[str, Any] = field(default_factory=dict)  # the flat run config, saved into every checkpoint
+    image_processor: Any = None  # saved with the model when a checkpoint is pushed to the Hub
 
     @property
     def total_steps(self) -> int:
@@ -498,6 +502,19 @@ def _optimizer_step(run: _Run) -> float:
     with torch.no_grad():
         run.unwrapped.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     return lr
+
+
+def _update(run: _Run, loss: torch.Tensor, stop_requested: bool) -> tuple[float, bool, bool]:
+    """After the backward pass: measure the gradient, agree over processes whether the step is finite and whether a
+    stop was requested, then update, or skip a non-finite step. Returns ``(lr, nonfinite, stop)``."""
+    norm = _gradient_norm(run)
+    nonfinite, stop = _any_process(run.accelerator, ~torch.isfinite(loss + norm), stop_requested)
+    if run.accelerator.scaler is not None:
+        # fp16: the gradient scaler must see every step: it skips one with non-finite gradients and lowers its
+        # scale (and resets its unscale bookkeeping); its skips count as non-finite steps too.
+        lr = _optimizer_step(run)
+        return lr, nonfinite or run.optimizer.step_was_skipped, stop
+    return (_skip_step(run) if nonfinite else _optimizer_step(run)), nonfinite, stop
 
 
 def _skip_step(run: _Run) -> float:
@@ -545,17 +562,12 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             else:
                 with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
                     loss = train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
-                norm = _gradient_norm(run)
-                # Under fp16 the gradient scaler owns non-finite gradients (it skips the step and lowers the scale).
-                bad = ~torch.isfinite(loss) if accelerator.scaler is not None else ~torch.isfinite(loss + norm)
-                nonfinite, stop = _any_process(accelerator, bad, signals.requested())
+                lr, nonfinite, stop = _update(run, loss, signals.requested())
                 if nonfinite:
-                    lr = _skip_step(run)
                     progress.nonfinite_steps += 1
                     nonfinite_streak += 1
                 else:
                     window_loss.append(loss)
-                    lr = _optimizer_step(run)
                     nonfinite_streak = 0
             progress.step += 1
             bar.update(1)
@@ -567,13 +579,21 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                 window_loss, window_images, window_start = [], 0, time.perf_counter()
             if nonfinite_streak >= args.max_nonfinite_steps:
                 bar.close()
-                _stop(run, _diverged_message(run, nonfinite_streak), exit_code=1)
+                _stop(run, _diverged_message(run, nonfinite_streak), exit_code=DIVERGED_EXIT)
             if progress.step % args.save_steps == 0 or progress.step == run.total_steps or stop:
                 progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
                 skipped_local = Counter()
                 path = save_checkpoint(
-                    accelerator, args.output_dir, progress, args.save_total_limit, run.tokenizer, run.loss_fn
+                    accelerator,
+                    args.output_dir,
+                    progress,
+                    args.save_total_limit,
+                    run.tokenizer,
+                    run.loss_fn,
+                    run.config,
                 )
+                if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
+                    _push_snapshot(run)
             if stop:
                 bar.close()
                 message = (
@@ -611,13 +631,38 @@ def _log(run: _Run, metrics: MetricsLog, bar, losses, images: int, seconds: floa
     )
 
 
+def _push_snapshot(run: _Run) -> None:
+    """``--hub_strategy every_save``: upload the model as it is at this checkpoint (main process; synchronous)."""
+    import tempfile
+
+    from .hub import push_run
+
+    with tempfile.TemporaryDirectory(prefix="glip-snapshot-") as tmp:
+        snapshot = Path(tmp)
+        run.unwrapped.save_pretrained(snapshot)
+        run.tokenizer.save_pretrained(snapshot)
+        run.image_processor.save_pretrained(snapshot)
+        (snapshot / "run_config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
+        summary = {"steps": run.progress.step, "world_size": run.accelerator.num_processes}
+        (snapshot / "train_summary.json").write_text(json.dumps(summary))
+        args = run.args
+        push_run(
+            snapshot,
+            args.hub_model_id,
+            flavour=args.hub_flavour,
+            private=args.hub_private,
+            commit_message=f"Checkpoint at step {run.progress.step}",
+        )
+
+
 def _diverged_message(run: _Run, streak: int) -> str:
     checkpoints = list_checkpoints(run.args.output_dir)
     last = f"the last checkpoint, {checkpoints[-1]}, is intact" if checkpoints else "no checkpoint was written yet"
     return (
         f"stopped at step {run.progress.step}: {streak} consecutive steps had a non-finite loss or gradient "
         f"(--max_nonfinite_steps {run.args.max_nonfinite_steps}); none of them updated the model and {last}. "
-        "Lower --learning_rate or check the data, then --resume_from_checkpoint latest."
+        f"Check the data near epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch}; resuming restores "
+        "the checkpoint's optimizer and learning rate, so a lower --learning_rate needs a new run."
     )
 
 
@@ -672,6 +717,7 @@ def _finish(
             "num_skipped": sum(progress.skipped.values()),
             "empty_steps": progress.empty_steps,
             "nonfinite_steps": progress.nonfinite_steps,
+            "world_size": accelerator.num_processes,
             "held_out_zero_shot": eval_metrics,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
@@ -680,6 +726,17 @@ def _finish(
             f"steps with no valid sample: {progress.empty_steps}; "
             f"steps skipped as non-finite: {progress.nonfinite_steps}"
         )
+        if training_args.push_to_hub:
+            from .hub import push_run
+
+            url = push_run(
+                output_dir,
+                training_args.hub_model_id,
+                flavour=training_args.hub_flavour,
+                private=training_args.hub_private,
+                commit_message=f"End of training, step {progress.step}",
+            )
+            print(f"Pushed the {training_args.hub_flavour} flavour to {url}")
     accelerator.end_training()
     return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)
 

@@ -128,7 +128,7 @@ PRETRAINING_CASES = [
     ("warmup_ratio_one", ["--warmup_ratio", "1.0"], None, r"warmup_ratio=1\.0 .*\[0, 1\)"),
     ("warmup_steps_negative", ["--warmup_steps", "-5"], None, r"warmup_steps=-5 .*>= 0"),
     ("no_epochs_and_no_max_steps", ["--num_train_epochs", "0", "--max_steps", "-1"], None, r"num_train_epochs=0"),
-    ("max_grad_norm_zero", ["--max_grad_norm", "0"], None, r"max_grad_norm=0\.0 .*> 0"),
+    ("max_grad_norm_negative", ["--max_grad_norm", "-1"], None, r"max_grad_norm=-1\.0 .*>= 0"),
     ("max_nonfinite_steps_zero", ["--max_nonfinite_steps", "0"], None, r"max_nonfinite_steps=0 .*>= 1"),
     ("save_steps_zero", ["--save_steps", "0"], None, r"save_steps=0 .*>= 1"),
     ("logging_steps_zero", ["--logging_steps", "0"], None, r"logging_steps=0 .*>= 1"),

@@ -196,10 +196,11 @@ def test_training_on_the_messy_dataset_skips_exactly_the_bad_rows(messy, tmp_pat
     assert summary["empty_steps"] == 0
 
 
-@pytest.mark.parametrize("streaming", [False, True])
-def test_training_on_damaged_webdataset_shards(tmp_path, streaming, fresh_accelerator_state):
+@pytest.mark.parametrize("streaming, source", [(False, "data_files"), (True, "data_files"), (False, "data_dir")])
+def test_training_on_damaged_webdataset_shards(tmp_path, streaming, source, fresh_accelerator_state):
     root, expected, rows = make_messy_webdataset(tmp_path / "shards")
-    flags = ["--dataset_name", "webdataset", "--data_files", str(root / "*.tar")]
+    shards = ["--data_files", str(root / "*.tar")] if source == "data_files" else ["--data_dir", str(root)]
+    flags = ["--dataset_name", "webdataset", *shards]
     flags += ["--image_column", "jpg", "--caption_column", "txt", "--per_device_train_batch_size", "5"]
     # Every readable sample once: one epoch of map-style batches, or as many steps of the stream.
     flags += ["--streaming", "true", "--max_steps", str(rows // 5)] if streaming else ["--num_train_epochs", "1"]

@@ -196,3 +196,33 @@ def test_masking_runs_on_meta_device(config):
 def test_no_split_modules_name_glip_classes():
     assert "GLIPVisionEmbeddings" in GLIPModel._no_split_modules
     assert "CLIPVisionEmbeddings" not in GLIPModel._no_split_modules
+
+
+def _image_features(model: GLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    features = model.get_image_features(pixel_values=pixel_values)
+    return getattr(features, "pooler_output", features)
+
+
+@pytest.mark.parametrize("flavour", ["glip", "clip"])
+def test_vision_classes_load_the_vision_tower_of_a_full_checkpoint(model, inputs, tmp_path, flavour):
+    from glip_hf import GLIPVisionModelWithProjection, export_to_clip
+
+    model.eval()
+    if flavour == "glip":
+        model.save_pretrained(tmp_path)
+    else:
+        export_to_clip(model, tmp_path)
+    pixels = inputs["pixel_values"]
+    vision, info = GLIPVisionModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    expected = model.vision_model(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(vision.eval()(pixel_values=pixels).pooler_output, expected, rtol=0, atol=1e-6)
+    projected, info = GLIPVisionModelWithProjection.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert projected.config.projection_dim == model.config.projection_dim
+    embeds = projected.eval()(pixel_values=pixels).image_embeds
+    torch.testing.assert_close(embeds, _image_features(model, pixels), rtol=0, atol=1e-6)
+    # Masking follows the checkpoint's settings (the plain CLIP export has none: the GLIP default applies).
+    ratio = projected.config.mask_ratio
+    tokens = projected.train()(pixel_values=pixels).last_hidden_state.shape[1]
+    assert tokens == 1 + num_kept_patches((IMAGE_SIZE // PATCH_SIZE) ** 2, ratio)

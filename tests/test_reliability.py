@@ -2,9 +2,11 @@
 the middle of a checkpoint, non-finite steps, and earlier runs that are never overwritten by mistake."""
 
 import json
+import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +84,7 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 2
         if process.poll() is not None:
             raise AssertionError(f"the run ended before {what}:\n{process.stdout.read()}")
         if time.monotonic() > deadline:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every worker it started
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(poll)
 
@@ -112,7 +114,8 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_matches_an_uninte
 ):
     output_dir = tmp_path / "run"
     process = start(output_dir, cache, "--save_steps", "5")
-    wait_for(lambda: list_checkpoints(output_dir), process, "the first checkpoint")
+    target = random.randint(5, STEPS - 6)  # after the first checkpoint
+    wait_for(lambda: logged_step(output_dir) >= target, process, f"step {target}")
     process.send_signal(signum)
     code, output = finish(process)
     assert code == 128 + signum, output
@@ -162,25 +165,36 @@ def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint
 # ------------------------------------------------------------------------------------------- kill and resume
 
 
-def kill_mid_checkpoint(process: subprocess.Popen, output_dir: Path, timeout: float = 240) -> str:
-    """Freeze the run as soon as a temporary checkpoint directory exists; if it is still there (the checkpoint is
-    being written), SIGKILL the run, else let it go on and wait for the next one. Returns the partial one's name."""
+def kill_mid_checkpoint(process: subprocess.Popen, output_dir: Path, since: float, timeout: float = 240) -> str:
+    """Freeze the run as soon as a temporary checkpoint directory it made (after ``since``) exists; if it is still
+    there (the checkpoint is being written), SIGKILL the run, else let it go on and wait for the next one. A leftover
+    of an earlier kill (older) does not count. Returns the partial checkpoint's name."""
     root = output_dir / "checkpoints"
+
+    def partial() -> list[str]:
+        found = []
+        for path in root.glob(".tmp-checkpoint-*") if root.is_dir() else []:
+            try:
+                if path.stat().st_mtime >= since:
+                    found.append(path.name)
+            except FileNotFoundError:  # renamed meanwhile
+                pass
+        return found
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"the run ended before a kill mid-checkpoint:\n{process.stdout.read()}")
-        partial = [p.name for p in root.glob(".tmp-checkpoint-*")] if root.is_dir() else []
-        if partial:
+        if partial():
             os.kill(process.pid, signal.SIGSTOP)
-            still = [p.name for p in root.glob(".tmp-checkpoint-*")]
+            still = partial()
             if still:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
                 return still[0]
             os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.0005)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise AssertionError("never caught a checkpoint being written")
 
 
@@ -198,12 +212,13 @@ def test_sigkill_at_a_random_step_and_mid_checkpoint_then_resume_is_bit_exact(tm
     assert 3 <= int(latest.name.split("-")[1]) <= killed_at, (latest, killed_at)
 
     # 2. Resume, and SIGKILL it while it writes a checkpoint (one per step now).
+    since = time.time() - 0.01  # file times may be coarser than the clock
     process = start(output_dir, cache, "--save_steps", "1", "--resume_from_checkpoint", "latest")
-    partial = kill_mid_checkpoint(process, output_dir)
+    partial = kill_mid_checkpoint(process, output_dir, since)
     partial_step = int(partial.rsplit("-", 1)[1])
     assert (output_dir / "checkpoints" / partial).is_dir()
     latest = resolve_checkpoint("latest", output_dir)
-    assert int(latest.name.split("-")[1]) == partial_step - 1, "latest must be the last complete checkpoint"
+    assert int(latest.name.split("-")[1]) == partial_step - 1, f"latest is not the last complete one ({target=})"
     assert all((c / "progress.json").is_file() for c in list_checkpoints(output_dir))
 
     # 3. Resume to the end: the same weights, bit for bit, as the run that was never interrupted.
@@ -374,3 +389,145 @@ def test_a_tokenizer_with_its_own_code_runs_only_with_trust_remote_code(tmp_path
     assert not marker.exists()
     assert type(load_pretrained_tokenizer(str(folder), trust_remote_code=True)).__name__ == "Custom"
     assert marker.exists()
+
+
+def test_fp16_overflowing_steps_go_through_the_scaler_and_count_as_non_finite():
+    """Accelerate has no gradient scaler on the CPU, so the fp16 path is driven here with torch's CPU scaler behind
+    Accelerate's optimizer wrapper: two overflowing steps in a row (the second used to fail in `unscale_`), each
+    skipped by the scaler, which halves its scale; then a finite step updates."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+    from conftest import tiny_config
+
+    from glip_hf.arguments import TrainingArguments
+    from glip_hf.checkpointing import TrainingProgress
+    from glip_hf.losses import ContrastiveLoss
+    from glip_hf.optimization import build_optimizer, build_scheduler
+    from glip_hf.training import _Run, _update
+
+    accelerator = Accelerator(cpu=True)
+    model, loss_fn = GLIPModel(tiny_config()), ContrastiveLoss("clip")
+    args = TrainingArguments(max_steps=10)
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer = AcceleratedOptimizer(build_optimizer([model, loss_fn], args), device_placement=False, scaler=scaler)
+    scheduler = AcceleratedScheduler(
+        build_scheduler(optimizer.optimizer, args, 10), optimizer, step_with_optimizer=False
+    )
+    accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") holds on a GPU
+    accelerator._optimizers.append(optimizer)
+    run = _Run(accelerator, model, model, loss_fn, optimizer, scheduler, None, args, 10, TrainingProgress())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for overflow in (True, True, False):
+        loss = model.logit_scale * 1.0
+        scaler.scale(loss).backward()
+        for param in model.parameters():
+            param.grad = torch.full_like(param, math.inf) if overflow else torch.zeros_like(param) + 1e-3
+        scale = scaler.get_scale()
+        _, nonfinite, stop = _update(run, loss.detach(), False)
+        assert nonfinite == overflow and not stop
+        assert scaler.get_scale() == (scale / 2 if overflow else scale)
+        changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        assert changed == (not overflow), "an overflowing step changed the weights, or a finite one did not"
+
+
+# ------------------------------------------------------------------------------------- resume, from every side
+
+
+def test_auto_resumes_or_starts_but_never_replaces_a_finished_run(tmp_path):
+    out = tmp_path / "out"
+    # Killed before its first checkpoint (a run_config.yaml and a metrics line): auto starts it again.
+    out.mkdir()
+    (out / "run_config.yaml").write_text("seed: 0\n")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+    flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--resume_from_checkpoint"]
+    in_process(tmp_path, *flags, "auto")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    weights = (out / "model.safetensors").read_bytes()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    in_process(tmp_path, *flags, "auto")  # finished, with checkpoints: resumes at its last step, nothing to do
+    assert (out / "model.safetensors").read_bytes() == weights
+    for checkpoint in list_checkpoints(out):
+        shutil.rmtree(checkpoint)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(FileExistsError, match=r"auto: output_dir=.* holds a finished run .*--overwrite_output_dir"):
+        in_process(tmp_path, *flags, "auto", "--seed", "7")
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    flags = ["--max_steps", "6", "--unmasked_tuning_steps", "0", "--save_total_limit", "3"]
+    in_process(tmp_path, *flags, "--save_steps", "2", "--output_dir", str(tmp_path / "reference"))
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    in_process(tmp_path, *flags, "--save_steps", "2")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (out / "model.safetensors").unlink()
+    older = out / "checkpoints" / "checkpoint-2"
+    in_process(
+        tmp_path, *flags, "--save_steps", "1", "--save_total_limit", "2", "--resume_from_checkpoint", str(older)
+    )
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
+    (aside,) = (out / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoint-4", "checkpoint-6"]  # set aside, not deleted
+    assert_same_weights(tmp_path / "reference", out)  # the same steps again, from step 2
+
+
+def test_a_checkpoint_resumes_only_with_the_model_it_was_written_for(tmp_path):
+    flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1"]
+    with pytest.raises(RunStopped):  # leave a checkpoint behind, as a stopped run does
+        in_process(tmp_path, *flags, "--max_nonfinite_steps", "1", "--learning_rate", "1e30")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"was written with vision_hidden_size=32 \(now 64\).*start a new run"):
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--vision_hidden_size", "64")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"loss='clip' \(now 'siglip'\)"):
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--loss", "siglip")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.warns(UserWarning, match=r"keeps its optimizer state and base learning rates: learning_rate=1e\+30"):
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-9")
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path):
+    with pytest.raises(ValueError, match="--caption_column 'nope' is not a column"):
+        in_process(tmp_path, "--max_steps", "1", "--caption_column", "nope")
+    assert not (tmp_path / "out" / "run_config.yaml").exists()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0")  # the fixed command, same directory
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------- --push_to_hub
+
+
+def test_push_to_hub_checks_the_token_first_and_uploads_each_checkpoint_and_the_end(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--push_to_hub", "true"]
+    flags += ["--hub_model_id", "someone/glip-tiny", "--hub_strategy", "every_save", "--hub_flavour", "clip"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the network calls themselves are faked below
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_home"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "empty_hf_home" / "token"))
+    with pytest.raises(ValueError, match="needs a token and none is configured"):
+        in_process(tmp_path, *flags)
+    assert not (tmp_path / "out" / "run_config.yaml").exists(), "the token is checked before anything is written"
+
+    uploads = []
+
+    def upload_folder(self, *, repo_id, folder_path, commit_message, **kwargs):
+        folder = Path(folder_path)
+        config = json.loads((folder / "config.json").read_text())
+        uploads.append((repo_id, commit_message, config["model_type"], (folder / "README.md").is_file()))
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    in_process(tmp_path, *flags)
+    assert uploads == [
+        ("someone/glip-tiny", "Checkpoint at step 1", "clip", True),
+        ("someone/glip-tiny", "Checkpoint at step 2", "clip", True),
+        ("someone/glip-tiny", "End of training, step 2", "clip", True),
+    ]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import CLIPConfig, CLIPModel
 
-from .configuration_glip import MASKING_FIELDS
+from ..configuration_glip import MASKING_FIELDS
 
 
 def to_clip_config(config) -> CLIPConfig:

@@ -1,0 +1,329 @@
+"""Publishing a run: the prepared folder of each flavour, its model card, the push, all up to the network.
+
+One tiny training run (with unmasked tuning) and two run_eval.py results (unmasked, masked) are shared by the
+module. Each flavour's folder is loaded in a fresh process where ``import glip_hf`` fails, as on a user's machine
+without it; only the upload call itself is faked.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from huggingface_hub import HfApi, ModelCard, constants
+from test_training import CONFIGS, TINY
+from transformers.dynamic_module_utils import get_imports
+
+import glip_hf.hub
+from glip_hf import GLIPModel
+from glip_hf.arguments import parse_eval_args, parse_run_args
+from glip_hf.cli import run_cli
+from glip_hf.evaluation import evaluate_model
+from glip_hf.hub.__main__ import main as hub_main
+from glip_hf.masking import num_kept_patches
+from glip_hf.tokenization import load_pretrained_tokenizer
+from glip_hf.training import train
+
+REPO_ID = "someone/glip-tiny"
+LABELS = ["a red circle.", "a blue square.", "a green triangle."]
+# Run before anything else in the fresh process: `import glip_hf` must fail there, as where it is not installed.
+BLOCK_GLIP_HF = """
+import importlib.abc, sys
+
+class NoGlipHF(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "glip_hf":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+
+sys.meta_path.insert(0, NoGlipHF())
+try:
+    import glip_hf
+except ImportError:
+    pass
+else:
+    raise SystemExit("glip_hf is importable")
+"""
+LOAD_AND_REPORT = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModel, CLIPModel, pipeline
+
+folder, flavour, work = sys.argv[1], sys.argv[2], sys.argv[3]
+remote = flavour == "glip"
+if remote:
+    model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+else:
+    model, info = CLIPModel.from_pretrained(folder, output_loading_info=True)
+model.eval()
+inputs = torch.load(f"{work}/inputs.pt")
+with torch.no_grad():
+    torch.save(model(**inputs).logits_per_image, f"{work}/logits.pt")
+    model.train()
+    tokens = model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state.shape[1]
+classifier = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=remote)
+scores = classifier(Image.new("RGB", (40, 30), "red"), candidate_labels=["a red circle.", "a blue square."])
+exec(compile(open(f"{work}/snippet.py").read(), "model card snippet", "exec"), {})
+report = {
+    "class": type(model).__name__,
+    "loading_problems": [key for keys in info.values() for key in keys],
+    "module": type(model).__module__,
+    "is_clip_subclass": any(cls.__name__ == "CLIPModel" for cls in type(model).__mro__),
+    "training_tokens": tokens,
+    "pipeline_labels": sorted(s["label"] for s in scores),
+    "pipeline_total": sum(s["score"] for s in scores),
+    "glip_hf_modules": [name for name in sys.modules if name.split(".")[0] == "glip_hf"],
+}
+json.dump(report, open(f"{work}/report.json", "w"))
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished tiny run (2 masked steps + 1 unmasked-tuning step) and its two evaluations beside it."""
+    tmp = tmp_path_factory.mktemp("hub_run")
+    flags = ["--max_steps", "2", "--unmasked_tuning_steps", "1", "--output_dir", str(tmp / "run")]
+    try:
+        train(*parse_run_args(["--config", str(CONFIGS / "default.yaml"), *TINY, "--cache_dir", str(tmp), *flags]))
+        for name, ratio in (("unmasked", "0"), ("masked", "0.5")):
+            args = ["--model", str(tmp / "run"), "--cache_dir", str(tmp), "--mask_ratio", ratio, "--mask_draws", "2"]
+            (tmp / f"{name}.json").write_text(json.dumps(evaluate_model(parse_eval_args(args))))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return tmp / "run"
+
+
+def eval_files(run_dir: Path) -> list[Path]:
+    return [run_dir.parent / "unmasked.json", run_dir.parent / "masked.json"]
+
+
+@pytest.fixture(scope="module")
+def prepared(run_dir, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("prepared")
+    return {
+        flavour: glip_hf.hub.prepare_folder(run_dir, out / flavour, flavour, eval_files(run_dir), repo_id=REPO_ID)
+        for flavour in ("glip", "clip")
+    }
+
+
+def usage_snippet(readme: str) -> str:
+    """The first python block of the card's "How to use" section."""
+    section = readme.split("## How to use", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)
+
+
+def files_in(folder: Path) -> set[str]:
+    return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("flavour", ["clip", "glip"])
+def test_prepared_folder_loads_where_glip_hf_is_not_installed(flavour, prepared, run_dir, tmp_path):
+    """Same unmasked logits as the source model, the pipeline, the card's snippet; GLIP masks in training mode."""
+    folder = prepared[flavour]
+    source = GLIPModel.from_pretrained(run_dir).eval()
+    tokenizer = load_pretrained_tokenizer(str(run_dir))
+    inputs = dict(tokenizer(LABELS, padding=True, return_tensors="pt"))
+    inputs["pixel_values"] = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    snippet = usage_snippet((folder / "README.md").read_text())
+    assert f'"{REPO_ID}"' in snippet
+    (tmp_path / "snippet.py").write_text(snippet.replace(f'"{REPO_ID}"', repr(str(folder))))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
+    command = [sys.executable, "-c", BLOCK_GLIP_HF + LOAD_AND_REPORT, str(folder), flavour, str(tmp_path)]
+    subprocess.run(command, check=True, cwd=tmp_path, env=env, timeout=300)
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["glip_hf_modules"] == [] and report["is_clip_subclass"] and report["loading_problems"] == []
+    with torch.no_grad():
+        expected = source(**inputs).logits_per_image
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-5, rtol=1e-5)
+    assert report["pipeline_labels"] == ["a blue square.", "a red circle."]
+    assert abs(report["pipeline_total"] - 1.0) < 1e-5
+    patches = (16 // 4) ** 2
+    if flavour == "clip":
+        assert report["class"] == "CLIPModel" and report["training_tokens"] == 1 + patches
+    else:
+        assert report["class"] == "GLIPModel" and report["module"].startswith("transformers_modules.")
+        assert report["training_tokens"] == 1 + num_kept_patches(patches, 0.5)
+
+
+def test_folder_contents_of_each_flavour(prepared):
+    records = {
+        "README.md",
+        "masks.png",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "training_run/run_config.yaml",
+        "training_run/train_summary.json",
+        "training_run/loss_curve.png",
+        "eval_results/unmasked.json",
+        "eval_results/masked.json",
+    }
+    code = {"configuration_glip.py", "modeling_glip.py", "masking.py"}
+    assert files_in(prepared["clip"]) == records | {"config.json"}
+    assert files_in(prepared["glip"]) == records | {"config.json"} | code
+    clip_config = json.loads((prepared["clip"] / "config.json").read_text())
+    assert clip_config["model_type"] == "clip" and "auto_map" not in clip_config
+    assert "mask_ratio" not in clip_config["vision_config"]
+    glip_config = json.loads((prepared["glip"] / "config.json").read_text())
+    assert glip_config["model_type"] == "glip" and glip_config["vision_config"]["mask_ratio"] == 0.5
+    assert glip_config["auto_map"] == {
+        "AutoConfig": "configuration_glip.GLIPConfig",
+        "AutoModel": "modeling_glip.GLIPModel",
+        "AutoModelForZeroShotImageClassification": "modeling_glip.GLIPModel",
+    }
+
+
+def test_remote_code_follows_the_library_and_needs_nothing_else(prepared):
+    """The entry modules are the library's sources; the flat masking module holds only what the model imports."""
+    folder = prepared["glip"]
+    package = Path(glip_hf.hub.__file__).resolve().parent.parent
+    for name in ("configuration_glip.py", "modeling_glip.py"):
+        generated = (folder / name).read_text().split("\n", 1)[1]  # after the "Generated by" line
+        assert generated == (package / name).read_text()
+    masking = (folder / "masking.py").read_text()
+    assert "def keep_indices_from_offset" in masking and "def render_mask_figure" not in masking
+    allowed = {"torch", "transformers", "huggingface_hub"}
+    for path in folder.glob("*.py"):
+        assert set(get_imports(path)) - set(sys.stdlib_module_names) <= allowed, path.name
+
+
+def test_card_parses_and_its_numbers_are_the_run_files(prepared, run_dir):
+    card = ModelCard.load(prepared["clip"] / "README.md")
+    data = card.data
+    assert data.library_name == "transformers" and data.pipeline_tag == "zero-shot-image-classification"
+    assert data.license == "apache-2.0" and {"glip", "clip", "gaussian-masking"} <= set(data.tags)
+    assert data.model_name == "glip-tiny"
+    results = {(r.metric_config, r.metric_name.split(" ")[0]): r for r in data.eval_results}
+    for path in eval_files(run_dir):
+        result = json.loads(path.read_text())
+        config = "unmasked" if result["mask_ratio"] == 0 else f"masked-{result['mask_ratio']}-gaussian"
+        for metric, value in result["metrics"].items():
+            entry = results.pop((config, metric))
+            assert entry.metric_value == value and entry.dataset_split == "test"
+            assert entry.task_type == "zero-shot-image-classification"
+    assert not results  # the held-out result of train_summary.json is the unmasked file's: listed once
+
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    text = card.text
+    steps = summary["steps"]
+    assert f"| optimizer steps | {steps} ({steps - 1} pre-training + 1 unmasked tuning) |" in text
+    assert "| patch masking | Gaussian (GLIP), mask_ratio 0.5, sigma 0.2: the encoder sees 8 of 16 patches" in text
+    assert "| global batch | 8 (8 x 1 accumulation x 1 processes) |" in text  # train_summary.json's world_size
+    masked = json.loads(eval_files(run_dir)[1].read_text())
+    top5 = f"{masked['metrics']['top5']:.3f} +/- {masked['metrics_std']['top5']:.3f}"
+    assert re.search(rf"\| top5 \| [0-9.]+ \| {re.escape(top5)} \|", text)
+    assert "![Patch masks](masks.png)" in text and "arxiv.org/abs/2403.15837" in text
+    assert "trust_remote_code" not in usage_snippet(text)
+    assert "trust_remote_code=True" in usage_snippet((prepared["glip"] / "README.md").read_text())
+
+
+def test_global_batch_counts_processes_when_the_run_records_them():
+    from glip_hf.hub.card import global_batch
+
+    config = {"per_device_train_batch_size": 320, "gradient_accumulation_steps": 2}
+    assert global_batch(config, {"world_size": 4}) == "2560 (320 x 2 accumulation x 4 processes)"
+    assert (
+        global_batch(config, {}) == "640 per process (320 x 2 accumulation; the number of processes was not recorded)"
+    )
+
+
+def test_push_uploads_exactly_the_prepared_folder(run_dir, prepared, monkeypatch):
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        readme = (folder / "README.md").read_text()
+        calls["upload_folder"] = (repo_id, files_in(folder), readme, kwargs)
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the network calls themselves are faked
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    url = glip_hf.hub.push_run(run_dir, REPO_ID, "glip", private=True, eval_files=eval_files(run_dir))
+
+    assert url == f"https://huggingface.co/{REPO_ID}"
+    assert calls["create_repo"] == (REPO_ID, {"private": True, "exist_ok": True, "repo_type": "model"})
+    repo_id, files, readme, kwargs = calls["upload_folder"]
+    assert repo_id == REPO_ID and files == files_in(prepared["glip"])
+    assert readme == (prepared["glip"] / "README.md").read_text()
+    assert kwargs["repo_type"] == "model" and kwargs["delete_patterns"] == ["*"]
+
+
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")
+
+
+def test_push_without_a_token_is_one_line_before_any_work(run_dir, tmp_path):
+    """For real, in a fresh process: no token variable and an empty HF_HOME (no saved login)."""
+    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARIABLES}
+    env.update(HF_HOME=str(tmp_path / "empty_hf_home"), HF_HUB_OFFLINE="0")
+    command = [sys.executable, "-m", "glip_hf.hub", "push", str(run_dir), "--repo_id", REPO_ID]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "none is configured" in lines[0], lines
+    assert "hf auth login" in lines[0] and "HF_TOKEN" in lines[0]
+
+
+def test_check_hub_token_for_a_run_about_to_start(tmp_path, monkeypatch):
+    for name in TOKEN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):  # as in these tests
+        glip_hf.hub.check_hub_token()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ValueError, match="hf auth login"):
+        glip_hf.hub.check_hub_token()
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    glip_hf.hub.check_hub_token()  # configured: no network call unless validate=True
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_run", "config.json not found; pass the output directory"),
+        ("out_not_empty", "pass --overwrite"),
+        ("out_is_run", "would replace the run directory"),
+        ("eval_not_json", "is not valid JSON"),
+        ("eval_not_a_result", "is not a run_eval.py result"),
+        ("eval_of_another_model", "evaluate the run itself"),
+        ("eval_twice", "both hold zeroshot_classification on builtin[test] with unmasked inference"),
+    ],
+)
+def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tmp_path, capsys):
+    argv = ["prepare", str(run_dir), "--out", str(tmp_path / "out")]
+    if case == "missing_run":
+        argv[1] = str(tmp_path / "nowhere")
+    elif case == "out_not_empty":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "keep.txt").write_text("mine")
+    elif case == "out_is_run":
+        argv[3] = str(run_dir)
+    elif case == "eval_twice":
+        argv += ["--eval", *map(str, eval_files(run_dir)), str(eval_files(run_dir)[0])]
+    else:
+        result = {"task": "zeroshot_classification", "mask_ratio": 0.0, "metrics": {"top1": 0.5}}
+        content = {
+            "eval_not_json": "{not json",
+            "eval_not_a_result": json.dumps({"top1": 0.5}),
+            "eval_of_another_model": json.dumps({**result, "model": str(saved_model_dir)}),
+        }[case]
+        (tmp_path / "result.json").write_text(content)
+        argv += ["--eval", str(tmp_path / "result.json")]
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(hub_main, argv, prog="python -m glip_hf.hub")
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists() or case == "out_not_empty"
