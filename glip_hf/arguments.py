@@ -388,6 +388,13 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
         training.hub_model_id,
         "a repository name such as NAME/glip-b16 with --push_to_hub",
     )
+    if training.hub_model_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(training.hub_model_id)
+        except HFValidationError:
+            _require(False, "hub_model_id", training.hub_model_id, "a Hub repository name such as NAME/glip-b16")
     _require(
         training.mixed_precision in MIXED_PRECISIONS,
         "mixed_precision",

@@ -32,6 +32,8 @@ _TEMPORARY = (".tmp-", ".trash-")
 # What a started run leaves in its output directory; any of these marks the directory as holding a run.
 RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "train_summary.json", "model.safetensors", CHECKPOINT_DIR)
 FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that reached its end
+# The files of a run's own that a replacing run removes first (the model directory is rewritten at its end).
+RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "config.json", "loss_curve.png")
 # Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
 RESUME_FIXED = (
     "image_size",
@@ -123,7 +125,7 @@ def plan_start(output_dir: str | Path, resume: str | None, overwrite: bool) -> S
                 "checkpoint; pass --overwrite_output_dir true to replace it, or another --output_dir."
             )
     elif resume is not None:
-        checkpoint = Path(resume)
+        checkpoint = Path(resume).resolve()  # a symlink (checkpoints/best) names the checkpoint it points to
         if not (checkpoint / "progress.json").is_file():
             raise FileNotFoundError(
                 f"resume_from_checkpoint={resume} is not a complete checkpoint directory (no progress.json); "
@@ -156,10 +158,15 @@ def apply_start(plan: StartPlan, output_dir: str | Path) -> None:
         for entry in root.iterdir() if root.is_dir() else []:
             if _PATTERN.match(entry.name) or entry.name.startswith(_TEMPORARY):
                 _discard(entry)
-        for name in ("metrics.jsonl", "train_summary.json"):
+        for name in RUN_OUTPUTS:
             (Path(output_dir) / name).unlink(missing_ok=True)
     if plan.abandoned:
-        aside = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = root / f"abandoned-{stamp}"
+        for n in range(1, 1000):
+            if not aside.exists():
+                break
+            aside = root / f"abandoned-{stamp}-{n}"
         aside.mkdir()
         for checkpoint in plan.abandoned:
             checkpoint.rename(aside / checkpoint.name)
@@ -209,7 +216,9 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # a kill now leaves the old file or the new one, whole
 
 
 def _step(checkpoint: Path) -> int:

@@ -10,6 +10,8 @@ import contextlib
 import itertools
 import json
 import math
+import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -299,11 +301,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         from .hub import check_hub_token
 
         check_hub_token()  # now, not after days of training
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        apply_start(plan, output_dir)
-        if plan.replaced and training_args.overwrite_output_dir:
-            print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(plan.replaced)}).")
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.print(f"Resolved run config:\n{yaml.safe_dump(run_config, sort_keys=False)}")
     set_seed(training_args.seed)
@@ -340,8 +337,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     main_steps = _main_steps(dataloader, training_args, accelerator, data_args.streaming)
     scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
     seed_mask_stream(training_args.seed, accelerator.process_index)  # a resume restores the per-process state
-    if accelerator.is_main_process:  # written once every check has passed: a failed start leaves no run behind
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:  # once every check has passed: a failed start changes no earlier run
+        apply_start(plan, output_dir)
+        if plan.replaced and training_args.overwrite_output_dir:
+            print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(plan.replaced)}).")
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+    accelerator.wait_for_everyone()
 
     progress = TrainingProgress()
     if checkpoint is not None:
@@ -369,6 +371,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         progress,
         run_config,
         image_processor,
+        HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
     )
     batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
     metrics = _train_loop(run, batches)
@@ -383,6 +386,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         progress,
         main_steps,
         metrics,
+        run.pusher,
     )
 
 
@@ -468,6 +472,7 @@ class _Run:
     progress: TrainingProgress
     config: dict[str, Any] = field(default_factory=dict)  # the flat run config, saved into every checkpoint
     image_processor: Any = None  # saved with the model when a checkpoint is pushed to the Hub
+    pusher: HubPusher | None = None  # --push_to_hub, on the main process
 
     @property
     def total_steps(self) -> int:
@@ -511,9 +516,14 @@ def _update(run: _Run, loss: torch.Tensor, stop_requested: bool) -> tuple[float,
     nonfinite, stop = _any_process(run.accelerator, ~torch.isfinite(loss + norm), stop_requested)
     if run.accelerator.scaler is not None:
         # fp16: the gradient scaler must see every step: it skips one with non-finite gradients and lowers its
-        # scale (and resets its unscale bookkeeping); its skips count as non-finite steps too.
+        # scale (and resets its unscale bookkeeping); its skips count as non-finite steps too. A non-finite loss
+        # with finite gradients is skipped here, and the scaler's bookkeeping reset by hand.
+        if nonfinite:
+            lr = _skip_step(run)
+            run.accelerator.scaler.update()
+            return lr, True, stop
         lr = _optimizer_step(run)
-        return lr, nonfinite or run.optimizer.step_was_skipped, stop
+        return lr, run.optimizer.step_was_skipped, stop
     return (_skip_step(run) if nonfinite else _optimizer_step(run)), nonfinite, stop
 
 
@@ -592,8 +602,9 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                     run.loss_fn,
                     run.config,
                 )
-                if args.push_to_hub and args.hub_strategy == "every_save" and accelerator.is_main_process:
-                    _push_snapshot(run)
+                final = progress.step == run.total_steps  # pushed by _finish, with the end-of-run evaluation
+                if run.pusher is not None and args.hub_strategy == "every_save" and not (final or stop):
+                    run.pusher.push_snapshot(run)
             if stop:
                 bar.close()
                 message = (
@@ -631,28 +642,68 @@ def _log(run: _Run, metrics: MetricsLog, bar, losses, images: int, seconds: floa
     )
 
 
-def _push_snapshot(run: _Run) -> None:
-    """``--hub_strategy every_save``: upload the model as it is at this checkpoint (main process; synchronous)."""
-    import tempfile
+def run_summary(progress: TrainingProgress, accelerator: Accelerator, main_steps: int) -> dict[str, Any]:
+    """What ``train_summary.json`` records of a run (also each Hub snapshot's): steps and what was skipped."""
+    return {
+        "steps": progress.step,
+        "main_steps": main_steps,  # the masked stage; unmasked tuning, if any, follows
+        "skipped": progress.skipped,
+        "num_skipped": sum(progress.skipped.values()),
+        "empty_steps": progress.empty_steps,
+        "nonfinite_steps": progress.nonfinite_steps,
+        "world_size": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+    }
 
-    from .hub import push_run
 
-    with tempfile.TemporaryDirectory(prefix="glip-snapshot-") as tmp:
-        snapshot = Path(tmp)
-        run.unwrapped.save_pretrained(snapshot)
+class HubPusher:
+    """``--push_to_hub``: uploads from the main process in a background thread, one at a time, so that training (and
+    the other processes, waiting at the next collective) go on during an upload; a failed upload is a warning."""
+
+    def __init__(self, args: TrainingArguments):
+        self.args = args
+        self._thread = None
+
+    def push(self, folder: Path, message: str, cleanup=None) -> None:
+        """Upload ``folder`` (a run directory or a snapshot of one) in the background; ``cleanup()`` runs after."""
+        from .hub import push_run
+
+        self.wait()  # the previous upload first: pushes stay in order
+
+        def upload() -> None:
+            try:
+                args = self.args
+                url = push_run(folder, args.hub_model_id, args.hub_flavour, args.hub_private, commit_message=message)
+                print(f"Pushed {message.lower()} to {url}", flush=True)
+            except Exception as error:  # the network, the Hub: training goes on, the run stays on disk
+                warnings.warn(
+                    f"pushing {message.lower()} to {self.args.hub_model_id} failed ({error}); it is saved locally: "
+                    f"python -m glip_hf.hub push {self.args.output_dir} --repo_id {self.args.hub_model_id}",
+                    stacklevel=1,
+                )
+            finally:
+                if cleanup is not None:
+                    cleanup()
+
+        self._thread = threading.Thread(target=upload, name="glip-hub-push")
+        self._thread.start()
+
+    def push_snapshot(self, run: _Run) -> None:
+        """The model as it is at this checkpoint, with its own summary (``--hub_strategy every_save``)."""
+        tmp = tempfile.TemporaryDirectory(prefix="glip-snapshot-")
+        snapshot = Path(tmp.name)
+        run.unwrapped.save_pretrained(snapshot)  # now, in this thread: the weights of this step
         run.tokenizer.save_pretrained(snapshot)
         run.image_processor.save_pretrained(snapshot)
         (snapshot / "run_config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
-        summary = {"steps": run.progress.step, "world_size": run.accelerator.num_processes}
-        (snapshot / "train_summary.json").write_text(json.dumps(summary))
-        args = run.args
-        push_run(
-            snapshot,
-            args.hub_model_id,
-            flavour=args.hub_flavour,
-            private=args.hub_private,
-            commit_message=f"Checkpoint at step {run.progress.step}",
-        )
+        summary = {**run_summary(run.progress, run.accelerator, run.main_steps), "snapshot": True}
+        (snapshot / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        self.push(snapshot, f"Checkpoint at step {run.progress.step}", cleanup=tmp.cleanup)
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _diverged_message(run: _Run, streak: int) -> str:
@@ -693,9 +744,19 @@ def _total_skipped(accelerator: Accelerator, so_far: dict[str, int], local: Coun
 
 
 def _finish(
-    accelerator, model, tokenizer, image_processor, held_out, data_args, training_args, progress, main_steps, metrics
+    accelerator,
+    model,
+    tokenizer,
+    image_processor,
+    held_out,
+    data_args,
+    training_args,
+    progress,
+    main_steps,
+    metrics,
+    pusher: HubPusher | None = None,
 ) -> TrainResult:
-    """Save the model directory, evaluate on the held-out split, write the summary and the loss curve."""
+    """Save the model directory, evaluate on the held-out split, write the summary and the loss curve; push it."""
     output_dir = Path(training_args.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -711,32 +772,16 @@ def _finish(
             model, tokenizer, image_processor, held_out, data_args, training_args, accelerator
         )
     if accelerator.is_main_process:
-        summary = {
-            "steps": progress.step,
-            "skipped": progress.skipped,
-            "num_skipped": sum(progress.skipped.values()),
-            "empty_steps": progress.empty_steps,
-            "nonfinite_steps": progress.nonfinite_steps,
-            "world_size": accelerator.num_processes,
-            "held_out_zero_shot": eval_metrics,
-        }
+        summary = {**run_summary(progress, accelerator, main_steps), "held_out_zero_shot": eval_metrics}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(
             f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}; "
             f"steps with no valid sample: {progress.empty_steps}; "
             f"steps skipped as non-finite: {progress.nonfinite_steps}"
         )
-        if training_args.push_to_hub:
-            from .hub import push_run
-
-            url = push_run(
-                output_dir,
-                training_args.hub_model_id,
-                flavour=training_args.hub_flavour,
-                private=training_args.hub_private,
-                commit_message=f"End of training, step {progress.step}",
-            )
-            print(f"Pushed the {training_args.hub_flavour} flavour to {url}")
+        if pusher is not None:
+            pusher.push(output_dir, f"End of training, step {progress.step}")
+            pusher.wait()
     accelerator.end_training()
     return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)
 

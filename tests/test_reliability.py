@@ -394,7 +394,8 @@ def test_a_tokenizer_with_its_own_code_runs_only_with_trust_remote_code(tmp_path
 def test_fp16_overflowing_steps_go_through_the_scaler_and_count_as_non_finite():
     """Accelerate has no gradient scaler on the CPU, so the fp16 path is driven here with torch's CPU scaler behind
     Accelerate's optimizer wrapper: two overflowing steps in a row (the second used to fail in `unscale_`), each
-    skipped by the scaler, which halves its scale; then a finite step updates."""
+    skipped by the scaler, which halves its scale; a NaN loss with finite gradients, skipped too (it used to update);
+    then a finite step updates."""
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.scheduler import AcceleratedScheduler
@@ -414,21 +415,30 @@ def test_fp16_overflowing_steps_go_through_the_scaler_and_count_as_non_finite():
     scheduler = AcceleratedScheduler(
         build_scheduler(optimizer.optimizer, args, 10), optimizer, step_with_optimizer=False
     )
-    accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") holds on a GPU
+    # What Accelerator(mixed_precision="fp16") holds on a GPU: the scaler, and the mode in which clip_grad_norm_
+    # unscales the gradients first (as in a real fp16 step).
+    accelerator.scaler, accelerator.native_amp, accelerator.state._mixed_precision = scaler, True, "fp16"
     accelerator._optimizers.append(optimizer)
     run = _Run(accelerator, model, model, loss_fn, optimizer, scheduler, None, args, 10, TrainingProgress())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    for overflow in (True, True, False):
-        loss = model.logit_scale * 1.0
+    # Two overflowing steps, a NaN loss with finite gradients (each skipped), then a finite step.
+    for loss_value, grad_value in ((1.0, math.inf), (1.0, math.inf), (math.nan, 1e-3)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loss = model.logit_scale * loss_value
         scaler.scale(loss).backward()
         for param in model.parameters():
-            param.grad = torch.full_like(param, math.inf) if overflow else torch.zeros_like(param) + 1e-3
+            param.grad = torch.full_like(param, grad_value)
         scale = scaler.get_scale()
         _, nonfinite, stop = _update(run, loss.detach(), False)
-        assert nonfinite == overflow and not stop
-        assert scaler.get_scale() == (scale / 2 if overflow else scale)
-        changed = any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-        assert changed == (not overflow), "an overflowing step changed the weights, or a finite one did not"
+        assert nonfinite and not stop
+        assert scaler.get_scale() == (scale / 2 if grad_value == math.inf else scale)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "a skipped step updated"
+    loss = model.logit_scale * 1.0
+    scaler.scale(loss).backward()
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 1e-3)
+    _, nonfinite, _ = _update(run, loss.detach(), False)
+    assert not nonfinite
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "a finite step made no update"
 
 
 # ------------------------------------------------------------------------------------- resume, from every side
@@ -528,6 +538,42 @@ def test_push_to_hub_checks_the_token_first_and_uploads_each_checkpoint_and_the_
     in_process(tmp_path, *flags)
     assert uploads == [
         ("someone/glip-tiny", "Checkpoint at step 1", "clip", True),
-        ("someone/glip-tiny", "Checkpoint at step 2", "clip", True),
-        ("someone/glip-tiny", "End of training, step 2", "clip", True),
+        ("someone/glip-tiny", "End of training, step 2", "clip", True),  # the last checkpoint's push is this one
     ]
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["main_steps"] == 2 and summary["mixed_precision"] == "no"
+
+    def failing_upload(self, **kwargs):
+        raise ConnectionError("the network is down")
+
+    monkeypatch.setattr(HfApi, "upload_folder", failing_upload)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.warns(
+        UserWarning, match=r"pushing checkpoint at step 1 to someone/glip-tiny failed .*network is down"
+    ):
+        in_process(tmp_path, *flags, "--output_dir", str(tmp_path / "offline"))
+    assert (tmp_path / "offline" / "model.safetensors").is_file()  # the run finished regardless
+
+
+def test_a_symlinked_checkpoint_resumes_as_the_checkpoint_it_names(tmp_path):
+    from glip_hf.checkpointing import plan_start
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        (root / f"checkpoint-{step}" / "progress.json").write_text("{}")
+    (root / "best").symlink_to(root / "checkpoint-4")
+    plan = plan_start(tmp_path, str(root / "best"), overwrite=False)
+    assert plan.checkpoint == (root / "checkpoint-4").resolve()
+    assert [p.name for p in plan.abandoned] == ["checkpoint-6"] and plan.replaced == []
+
+
+def test_overwrite_changes_nothing_when_the_new_run_fails_its_checks(tmp_path):
+    flags = ["--max_steps", "1", "--unmasked_tuning_steps", "0"]
+    in_process(tmp_path, *flags)
+    out = tmp_path / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="--caption_column 'nope'"):
+        in_process(tmp_path, *flags, "--overwrite_output_dir", "true", "--caption_column", "nope")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
