@@ -64,6 +64,21 @@ class GLIPVisionConfig(CLIPVisionConfig):
     mask_strategy: str = "gaussian"
     mask_sigma: float | int = 0.2
 
+    @classmethod
+    def get_config_dict(
+        cls, pretrained_model_name_or_path: Any, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """As CLIPVisionConfig's, except that a full GLIP / CLIP config's top-level ``projection_dim`` (the one the
+        weights were built with) replaces its vision config's: older GLIP saves and CLIP configs let them differ,
+        and ``from_pretrained`` extracts the vision config without ``GLIPConfig.__post_init__``'s sync."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        vision = config_dict.get(cls.base_config_key)
+        if config_dict.get("model_type") in ("glip", "clip") and isinstance(vision, dict):
+            if config_dict.get("projection_dim") is not None:
+                vision = {**vision, "projection_dim": config_dict["projection_dim"]}
+                config_dict = {**config_dict, cls.base_config_key: vision}
+        return config_dict, kwargs
+
     def __setattr__(self, key: str, value: Any) -> None:
         # Validate on every assignment (construction, from_dict, user code) and raise a plain ValueError naming
         # the field; strict's own validators wrap errors in a non-ValueError type.

@@ -343,7 +343,19 @@ def read_open_clip_config(path: str | Path) -> dict[str, Any]:
     _check_section(config["text_cfg"], _NEUTRAL_TEXT, _FREE_TEXT, "text_cfg.", path)
     if not isinstance(config["vision_cfg"].get("layers", 12), int):
         raise ValueError(f"{path}: vision_cfg.layers is a list (a ResNet image tower); only ViT towers convert.")
+    for name in ("image_size", "patch_size"):
+        if name in config["vision_cfg"]:
+            config["vision_cfg"][name] = _square_size(config["vision_cfg"][name], f"vision_cfg.{name}", path)
     return config
+
+
+def _square_size(value: Any, name: str, path: Path) -> int:
+    """An open_clip size (an int, or a ``[height, width]`` pair) as the one int CLIP takes; refuse the rest."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{path}: {name}={value!r}: only a positive int (a square size) converts to CLIP.")
+    return value
 
 
 def settings_from_open_clip_config(config: dict[str, Any]) -> OpenCLIPSettings:

@@ -267,8 +267,14 @@ def open_clip_file(glip_dir, tmp_path):
         ({"vision_cfg": {"timm_model_name": "vit_base_patch16_224"}}, "timm_model_name"),
         ({"vision_cfg": {"new_option": 3}}, "unknown open_clip option vision_cfg.new_option"),
         ({"text_cfg": {"width": 64}}, "text_cfg.width=32, the open_clip config says 64"),
+        ({"vision_cfg": {"image_size": [16, 24]}}, "vision_cfg.image_size=[16, 24]: only a positive int"),
+        ({"vision_cfg": {"patch_size": [4, 2]}}, "vision_cfg.patch_size=[4, 2]: only a positive int"),
+        ({"vision_cfg": {"image_size": "16"}}, "vision_cfg.image_size='16': only a positive int"),
     ],
-    ids=["avg_pool", "no_ln_pre", "no_causal_mask", "last_pool", "hf_text", "timm_image", "unknown", "size_mismatch"],
+    ids=[
+        *("avg_pool", "no_ln_pre", "no_causal_mask", "last_pool", "hf_text", "timm_image", "unknown", "size_mismatch"),
+        *("non_square_image", "non_square_patch", "string_image_size"),
+    ],
 )
 def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
     capsys, tmp_path, open_clip_file, change, expected

@@ -327,3 +327,132 @@ def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "out").exists() or case == "out_not_empty"
+
+
+def _card_text(record, flavour: str = "clip") -> tuple[str, list[str]]:
+    """The card rendered from ``record`` (no folder written): its text and its tags."""
+    from glip_hf.hub.card import render_model_card
+    from glip_hf.hub.publish import DEFAULT_TEMPLATE
+
+    files = dict.fromkeys(("mask_picture", "loss_curve", "run_config", "train_summary"))
+    card = render_model_card(record, DEFAULT_TEMPLATE, flavour, REPO_ID, "apache-2.0", 1000, files)
+    return card.text, card.data.tags
+
+
+def test_no_local_path_reaches_the_prepared_folder(run_dir, tmp_path):
+    """Paths of the publisher's machine (cache, output, data, initial checkpoint, evaluated model) are replaced by
+    ``<local>/<name>`` in every published file, the card included; the run's own files keep them."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoints"))
+    (tmp_path / "my_data").mkdir()
+    config = yaml.safe_load((run / "run_config.yaml").read_text())
+    config.update(
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(run),
+        data_dir=str(tmp_path / "my_data"),
+        data_files=[str(tmp_path / "my_data" / "train.parquet")],
+        init_from=str(tmp_path / "start"),
+        tokenizer_name=str(tmp_path / "tok"),
+        dataset_name=str(tmp_path / "my_data"),
+    )
+    (run / "run_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = json.loads(eval_files(run_dir)[1].read_text())
+    (tmp_path / "local.json").write_text(
+        json.dumps({**result, "model": str(run), "dataset": str(tmp_path / "my_data")})
+    )
+    out = glip_hf.hub.prepare_folder(run, tmp_path / "out", "glip", [tmp_path / "local.json"], repo_id=REPO_ID)
+
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix not in (".png", ".safetensors"):
+            assert str(tmp_path) not in path.read_text(), path.relative_to(out)
+    published = yaml.safe_load((out / "training_run" / "run_config.yaml").read_text())
+    assert published["init_from"] == "<local>/start" and published["data_files"] == ["<local>/train.parquet"]
+    assert json.loads((out / "eval_results" / "local.json").read_text())["model"] == REPO_ID
+    card = ModelCard.load(out / "README.md")
+    assert {r.dataset_name for r in card.data.eval_results} == {"my_data"}
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "| initialisation | `<local>/start` |" in card.text
+    assert str(tmp_path) in (run / "run_config.yaml").read_text()  # the user's records are untouched
+
+
+def test_card_of_a_mask_ratio_0_run_says_clip_not_glip(run_dir):
+    from dataclasses import replace
+
+    from glip_hf.hub.card import read_run
+
+    record = read_run(run_dir)
+    model_config = json.loads(json.dumps(record.model_config))
+    model_config["vision_config"]["mask_ratio"] = 0.0
+    text, tags = _card_text(replace(record, model_config=model_config))
+    assert "gaussian-masking" not in tags and "random-masking" not in tags
+    assert "no patch masking: plain **CLIP** pre-training" in text
+    assert "**GLIP**, Gaussian masking" not in text and "GLIP's prior favours" not in text
+    masked_text, masked_tags = _card_text(record)
+    assert "gaussian-masking" in masked_tags and "**GLIP**, Gaussian masking" in masked_text
+
+
+def _row(text: str, name: str) -> str | None:
+    found = re.search(rf"^\| {re.escape(name)} \| (.*) \|$", text, flags=re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def test_card_of_a_snapshot_summary(run_dir):
+    """Snapshots before and during unmasked tuning: steps split by main_steps, recorded rows only, actual precision."""
+    from dataclasses import replace
+
+    from glip_hf.hub.card import read_run
+
+    record = read_run(run_dir)
+    config = {**record.run_config, "unmasked_tuning_steps": 1000, "mixed_precision": None}
+    snapshot = {"steps": 200, "main_steps": 5000, "world_size": 2, "mixed_precision": "bf16", "snapshot": True}
+    text, _ = _card_text(replace(record, run_config=config, summary=snapshot))
+    assert _row(text, "optimizer steps") == "snapshot at step 200 (200 pre-training + 0 unmasked tuning)"
+    assert _row(text, "precision") == "bf16"
+    assert _row(text, "samples skipped (unreadable)") is None and _row(text, "steps skipped (non-finite loss)") is None
+    assert "a snapshot at step 200, before unmasked tuning" in text and "after unmasked tuning" not in text
+
+    during = {**snapshot, "steps": 5010, "num_skipped": 3, "nonfinite_steps": 0, "mixed_precision": "no"}
+    text, _ = _card_text(replace(record, run_config=config, summary=during))
+    assert _row(text, "optimizer steps") == "snapshot at step 5010 (5000 pre-training + 10 unmasked tuning)"
+    assert _row(text, "samples skipped (unreadable)") == "3" and _row(text, "steps skipped (non-finite loss)") == "0"
+    assert _row(text, "precision") == "fp32 (no mixed precision)"
+    assert "a snapshot at step 5010, 10 steps into unmasked tuning" in text
+
+    final = {"steps": 6000, "main_steps": 5000}
+    text, _ = _card_text(replace(record, run_config=config, summary=final))
+    assert _row(text, "optimizer steps") == "6000 (5000 pre-training + 1000 unmasked tuning)"
+    assert _row(text, "precision") == "not recorded (Accelerate's configured default)"
+    assert "that is after unmasked tuning (1000 steps with masking off)" in text
+    old = {"steps": 200}  # a summary without main_steps never gives negative stages
+    text, _ = _card_text(replace(record, run_config=config, summary=old))
+    assert _row(text, "optimizer steps") == "200 (0 pre-training + 200 unmasked tuning)"
+
+
+def test_remote_code_headers_hash_all_generated_modules(tmp_path, monkeypatch):
+    """Each generated file's header names a hash of every generated module, so a folder with other modelling code
+    but the same configuration_glip.py does not reuse transformers' cached remote modules."""
+    from glip_hf.hub import remote_code
+
+    def headers(folder: Path) -> dict[str, str]:
+        folder.mkdir()
+        return {path.name: path.read_text().split("\n", 1)[0] for path in remote_code.write_remote_code(folder)}
+
+    before = headers(tmp_path / "before")
+    load = remote_code._load
+
+    def changed_modeling(name):
+        module = load(name)
+        if name == "modeling_glip":
+            module.source += "\nCHANGED = True\n"
+            module.tree = remote_code.ast.parse(module.source)
+        return module
+
+    monkeypatch.setattr(remote_code, "_load", changed_modeling)
+    after = headers(tmp_path / "after")
+    assert len({re.search(r"\(code (\w+)\)", line).group(1) for line in before.values()}) == 1
+    for name in ("configuration_glip.py", "modeling_glip.py", "masking.py"):
+        assert before[name] != after[name] and glip_hf.__version__ in before[name], name

@@ -1,5 +1,7 @@
 """GLIPModel behaves as CLIPModel in eval mode and drops the right tokens in training (ModelTester pattern)."""
 
+import json
+
 import pytest
 import torch
 from conftest import IMAGE_SIZE, PATCH_SIZE, tiny_config
@@ -226,3 +228,26 @@ def test_vision_classes_load_the_vision_tower_of_a_full_checkpoint(model, inputs
     ratio = projected.config.mask_ratio
     tokens = projected.train()(pixel_values=pixels).last_hidden_state.shape[1]
     assert tokens == 1 + num_kept_patches((IMAGE_SIZE // PATCH_SIZE) ** 2, ratio)
+
+
+@pytest.mark.parametrize("flavour", ["glip", "clip"])
+def test_vision_projection_follows_the_top_level_projection_dim(model, inputs, tmp_path, flavour):
+    """Older GLIP saves and real CLIP configs keep CLIP's default vision_config.projection_dim (512) beside another
+    top-level one: GLIPVisionModelWithProjection builds its projection from the top-level value, as the weights do."""
+    from glip_hf import GLIPVisionModelWithProjection, export_to_clip
+
+    model.eval()
+    if flavour == "glip":
+        model.save_pretrained(tmp_path)
+    else:
+        export_to_clip(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["projection_dim"] != 512
+    saved["vision_config"]["projection_dim"] = 512
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    projected, info = GLIPVisionModelWithProjection.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert projected.config.projection_dim == saved["projection_dim"]
+    pixels = inputs["pixel_values"]
+    embeds = projected.eval()(pixel_values=pixels).image_embeds
+    torch.testing.assert_close(embeds, _image_features(model, pixels), rtol=0, atol=1e-6)

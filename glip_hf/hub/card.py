@@ -10,6 +10,7 @@ read into a [`RunRecord`], turned into the card's metadata (``model-index`` incl
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -35,6 +36,43 @@ BUILTIN_DATASET = "builtin"  # run_eval's name for the built-in generated datase
 BUILTIN_DESCRIPTION = "built-in generated scenes (glip_hf.synthetic)"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DATASET_BUILDERS = ("imagefolder", "parquet", "webdataset", "json", "csv", "arrow", "text")
+LOCAL = "<local>"  # what a local path becomes in the published folder: `<local>/<basename>`
+# run_config.yaml fields whose plain relative name (no separator) is still a local path when it exists here.
+PATH_KEYS = ("cache_dir", "output_dir", "data_dir", "data_files", "init_from", "tokenizer_name", "dataset_name")
+
+
+def is_local_path(value: str, bare_if_exists: bool = False) -> bool:
+    """Whether ``value`` names a file or folder on this machine rather than a Hub id (``org/name``).
+
+    Absolute, ``~`` and ``./`` / ``../`` paths always do; a value with a separator does when it exists here or cannot
+    be a Hub id; a bare name only with ``bare_if_exists`` and when it exists here.
+    """
+    if os.path.isabs(value) or value.startswith(("~", "./", "../")):
+        return True
+    if "/" in value or os.sep in value:
+        return Path(value).exists() or not _HUB_ID.match(value)
+    return bare_if_exists and Path(value).exists()
+
+
+def local_name(value: str) -> str:
+    """``/home/me/data/train.parquet`` -> ``<local>/train.parquet``: the basename only, never the machine's path."""
+    return f"{LOCAL}/{Path(value.rstrip('/' + os.sep)).name}"
+
+
+def redact_paths(value: Any, key: str | None = None) -> Any:
+    """``value`` (a record's dict, list or string) with every local path replaced by [`local_name`]."""
+    if isinstance(value, dict):
+        return {k: redact_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_paths(v, key) for v in value]
+    if isinstance(value, str) and is_local_path(value, bare_if_exists=key in PATH_KEYS):
+        return local_name(value)
+    return value
+
+
+def dataset_label(dataset: str) -> str:
+    """A dataset as the card and model-index name it: a local dataset by its folder or file name only."""
+    return Path(dataset.rstrip("/" + os.sep)).name if is_local_path(dataset) else dataset
 
 
 def percent(ratio: float) -> str:
@@ -99,7 +137,7 @@ def _evaluation(result: Any, source: str, path: Path) -> Evaluation:
     return Evaluation(
         source=source,
         task=result["task"],
-        dataset=str(result.get("dataset", BUILTIN_DATASET)),
+        dataset=dataset_label(str(result.get("dataset", BUILTIN_DATASET))),
         split=str(result.get("split", "test")),
         mask_ratio=float(result["mask_ratio"]),
         mask_strategy=result.get("mask_strategy"),
@@ -156,7 +194,7 @@ def _summary_evaluation(run_config: dict[str, Any], summary: dict[str, Any] | No
     held_out = (summary or {}).get("held_out_zero_shot")
     if not held_out:
         return None
-    dataset = run_config.get("dataset_name") or BUILTIN_DATASET
+    dataset = dataset_label(run_config.get("dataset_name") or BUILTIN_DATASET)
     split = run_config.get("eval_split") or "test"
     metrics = {k: v for k, v in held_out.items() if k in ("top1", "top5", "mean_per_class_recall")}
     samples = held_out.get("num_samples")
@@ -171,9 +209,12 @@ def read_run(run_dir: str | Path, eval_files: list[str | Path] = ()) -> RunRecor
             raise FileNotFoundError(
                 f"{run_dir / name} not found; pass the output directory of a finished run_pretraining.py run."
             )
-    run_config = yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}
+    # Local paths (cache, output, data, initial checkpoint) are the publisher's, not the model's: kept out of the card
+    # and of the published copies of the records.
+    run_config = redact_paths(yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {})
     summary_path = run_dir / "train_summary.json"
     summary = _read_json(summary_path, "re-run training or remove the file") if summary_path.is_file() else None
+    summary = redact_paths(summary)
     evaluations, placed = read_evaluations(list(eval_files), run_dir)
     from_summary = _summary_evaluation(run_config, summary)
     covered = {(e.task, e.dataset, e.split) for e in evaluations if e.mask_ratio == 0}
@@ -246,14 +287,59 @@ def global_batch(run_config: dict[str, Any], summary: dict[str, Any] | None) -> 
     return f"{per_process * int(world_size)} ({detail} x {world_size} processes)"
 
 
+def stage_steps(run_config: dict[str, Any], summary: dict[str, Any]) -> tuple[int, int]:
+    """``(pre-training, unmasked tuning)`` steps the recorded weights went through, never negative.
+
+    ``main_steps`` (the masked stage's length) says where tuning began; a summary without it is a finished run's,
+    whose last ``unmasked_tuning_steps`` steps were the tuning.
+    """
+    steps = int(summary["steps"])
+    if "main_steps" in summary:
+        main = int(summary["main_steps"])
+    else:
+        main = steps - int(run_config.get("unmasked_tuning_steps") or 0)
+    main = min(max(main, 0), steps)
+    return main, steps - main
+
+
 def steps_description(run_config: dict[str, Any], summary: dict[str, Any] | None) -> str:
-    tuning = int(run_config.get("unmasked_tuning_steps") or 0)
     if summary is None:
         return "not recorded (no train_summary.json: a snapshot taken during training)"
     steps = int(summary["steps"])
-    if not tuning:
-        return f"{steps}"
-    return f"{steps} ({steps - tuning} pre-training + {tuning} unmasked tuning)"
+    pre, tuned = stage_steps(run_config, summary)
+    text = (
+        f"{steps}"
+        if not (tuned or run_config.get("unmasked_tuning_steps"))
+        else (f"{steps} ({pre} pre-training + {tuned} unmasked tuning)")
+    )
+    return f"snapshot at step {text}" if summary.get("snapshot") else text
+
+
+def weights_stage(run_config: dict[str, Any], summary: dict[str, Any] | None) -> str | None:
+    """Which weights the evaluations are of, when the run had (or will have) an unmasked tuning stage."""
+    tuning = int(run_config.get("unmasked_tuning_steps") or 0)
+    if summary is not None and summary.get("snapshot"):
+        _, tuned = stage_steps(run_config, summary)
+        during = f", {_count(tuned, 'step')} into unmasked tuning" if tuned else ", before unmasked tuning"
+        return f"a snapshot at step {summary['steps']}" + (during if tuning else "")
+    if summary is None or not tuning:
+        return None
+    return f"that is after unmasked tuning ({_count(tuning, 'step')} with masking off)"
+
+
+def precision(run_config: dict[str, Any], summary: dict[str, Any] | None) -> str:
+    """What the Accelerator used (train_summary.json), else what was asked; None asked means Accelerate's config."""
+    used = (summary or {}).get("mixed_precision", run_config.get("mixed_precision"))
+    if used is None:
+        return "not recorded (Accelerate's configured default)"
+    return "fp32 (no mixed precision)" if used == "no" else str(used)
+
+
+SUMMARY_ROWS = {  # train_summary.json key -> row; shown only when the run recorded the key
+    "num_skipped": "samples skipped (unreadable)",
+    "empty_steps": "steps skipped (no usable sample)",
+    "nonfinite_steps": "steps skipped (non-finite loss)",
+}
 
 
 def _warmup(run_config: dict[str, Any]) -> str:
@@ -288,12 +374,10 @@ def training_rows(record: RunRecord) -> list[tuple[str, str]]:
             if tuning
             else "none",
         ),
-        ("precision", config.get("mixed_precision") or "fp32"),
+        ("precision", precision(config, summary)),
         ("seed", str(config.get("seed"))),
     ]
-    if summary is not None:
-        rows.append(("samples skipped (unreadable)", str(summary.get("num_skipped", 0))))
-        rows.append(("steps skipped (non-finite loss)", str(summary.get("nonfinite_steps", 0))))
+    rows += [(name, str(summary[key])) for key, name in SUMMARY_ROWS.items() if key in (summary or {})]
     return rows
 
 
@@ -352,7 +436,7 @@ def eval_results(evaluations: list[Evaluation]) -> list[EvalResult]:
                 EvalResult(
                     task_type=task_type,
                     task_name=task_name,
-                    dataset_type=e.dataset,
+                    dataset_type=e.dataset,  # a local dataset's name only (see dataset_label)
                     dataset_name=dataset_description(e.dataset),
                     dataset_split=e.split,
                     metric_type=METRIC_TYPES.get(metric, metric),
@@ -369,12 +453,13 @@ def card_metadata(record: RunRecord, flavour: str, repo_id: str, license: str) -
     config = record.run_config
     datasets = hub_repo_id(config.get("dataset_name"))
     base_model = hub_repo_id(config.get("init_from"))
-    strategy = f"{record.masking[1]}-masking"
+    ratio, strategy, _ = record.masking
+    masking = [f"{strategy}-masking"] if ratio > 0 else []
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
         license=license,
-        tags=["clip", "glip", "glip-hf", strategy, "vision", "zero-shot-image-classification"]
+        tags=["clip", "glip", "glip-hf", *masking, "vision", "zero-shot-image-classification"]
         + (["custom_code"] if flavour == "glip" else []),
         datasets=[datasets] if datasets else None,
         base_model=base_model,
@@ -434,7 +519,7 @@ def render_model_card(
         versions=_versions(),
         transformers_requirement=_transformers_requirement(),
         mask_sigma=sigma,
-        unmasked_tuning_steps=int(config.get("unmasked_tuning_steps") or 0),
+        weights_stage=weights_stage(config, record.summary),
         builtin_data=config.get("dataset_name") is None,
         model_rows=model_rows(record.model_config, num_parameters),
         training_rows=training_rows(record),

@@ -19,13 +19,15 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from ..masking import render_mask_figure
 from ..modeling_glip import GLIPModel
-from .card import FLAVOURS, RunRecord, read_run, render_model_card
+from .card import FLAVOURS, RunRecord, dataset_label, read_run, redact_paths, render_model_card
 from .export import export_to_clip
 from .remote_code import AUTO_MAP, write_remote_code
 
@@ -94,17 +96,34 @@ def _write_processor(run_dir: Path, folder: Path) -> None:
         (folder / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}, indent=2))
 
 
-def _write_records(record: RunRecord, folder: Path) -> dict[str, str | None]:
-    """Copy the run's records and evaluation results; returns the card's ``files`` (paths inside the folder)."""
+def _published_eval(result: Any, repo_id: str) -> Any:
+    """A run_eval result as published: the model is ``repo_id``, a local dataset its name, no other local path."""
+    if not isinstance(result, dict):
+        return result
+    result = {**result, "model": repo_id} if "model" in result else dict(result)
+    if isinstance(result.get("dataset"), str):
+        result["dataset"] = dataset_label(result["dataset"])
+    return redact_paths(result)
+
+
+def _write_records(record: RunRecord, folder: Path, repo_id: str) -> dict[str, str | None]:
+    """Copy the run's records and evaluation results, local paths replaced (see [`redact_paths`]); returns the
+    card's ``files`` (paths inside the folder)."""
     files: dict[str, str | None] = {"mask_picture": None, **dict.fromkeys(RUN_RECORDS.values())}
-    (folder / "training_run").mkdir()
+    records = folder / "training_run"
+    records.mkdir()
+    (records / "run_config.yaml").write_text(yaml.safe_dump(record.run_config, sort_keys=False))
+    if record.summary is not None:
+        (records / "train_summary.json").write_text(json.dumps(record.summary, indent=1))
+    if (record.run_dir / "loss_curve.png").is_file():
+        shutil.copy2(record.run_dir / "loss_curve.png", records / "loss_curve.png")
     for name, key in RUN_RECORDS.items():
-        if (record.run_dir / name).is_file():
-            shutil.copy2(record.run_dir / name, folder / "training_run" / name)
-            files[key] = f"training_run/{name}"
+        files[key] = f"training_run/{name}" if (records / name).is_file() else None
     for target, source in record.eval_files.items():
         (folder / target).parent.mkdir(exist_ok=True)
-        shutil.copy2(source, folder / target)
+        content = json.loads(source.read_text())
+        results = [_published_eval(r, repo_id) for r in (content if isinstance(content, list) else [content])]
+        (folder / target).write_text(json.dumps(results if isinstance(content, list) else results[0], indent=2))
     ratio, _, sigma = record.masking
     if ratio > 0:
         vision = record.model_config["vision_config"]
@@ -160,7 +179,7 @@ def prepare_folder(
         model = GLIPModel.from_pretrained(run_dir).eval()
         _write_weights(model, folder, flavour)
         _write_processor(run_dir, folder)
-        files = _write_records(record, folder)
+        files = _write_records(record, folder, repo_id)
         card = render_model_card(record, template, flavour, repo_id, license, model.num_parameters(), files)
         card.save(folder / "README.md")
         if out.exists():
