@@ -193,22 +193,26 @@ MIXED_PRECISIONS = (None, "no", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 RESUME_KEYWORDS = ("latest", "auto")
 TRACKERS = tuple(tracker.value for tracker in LoggerType)
+# The fields that shape a fresh model's parameters (a checkpoint resumes only under the same values).
+ARCHITECTURE_FIELDS = (
+    "image_size",
+    "patch_size",
+    "vision_hidden_size",
+    "vision_layers",
+    "vision_heads",
+    "vision_intermediate_size",
+    "text_hidden_size",
+    "text_layers",
+    "text_heads",
+    "text_intermediate_size",
+    "max_text_length",
+    "projection_dim",
+)
 # Numeric bounds of a run, as (fields, test, what is expected); a field left None (optional) passes.
 _RUN_BOUNDS = (
     (
         (
-            "image_size",
-            "patch_size",
-            "vision_hidden_size",
-            "vision_layers",
-            "vision_heads",
-            "vision_intermediate_size",
-            "text_hidden_size",
-            "text_layers",
-            "text_heads",
-            "text_intermediate_size",
-            "max_text_length",
-            "projection_dim",
+            *ARCHITECTURE_FIELDS,
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
             "eval_batch_size",

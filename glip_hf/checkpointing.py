@@ -25,6 +25,8 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from .arguments import ARCHITECTURE_FIELDS
+
 CHECKPOINT_DIR = "checkpoints"
 LOSS_STATE = "loss.safetensors"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -35,21 +37,7 @@ FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that rea
 # The files of a run's own that a replacing run removes first (the model directory is rewritten at its end).
 RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "config.json", "loss_curve.png")
 # Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
-RESUME_FIXED = (
-    "image_size",
-    "patch_size",
-    "vision_hidden_size",
-    "vision_layers",
-    "vision_heads",
-    "vision_intermediate_size",
-    "text_hidden_size",
-    "text_layers",
-    "text_heads",
-    "text_intermediate_size",
-    "max_text_length",
-    "projection_dim",
-    "loss",
-)
+RESUME_FIXED = (*ARCHITECTURE_FIELDS, "loss")
 # Settings whose checkpointed value wins on resume (the optimizer state and the schedule's base rates are restored).
 RESUME_RESTORED = (
     "learning_rate",
@@ -180,7 +168,7 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int) -
     if saved.is_file():
         before = yaml.safe_load(saved.read_text()) or {}
         changed = [
-            f"{k}={before[k]!r} (now {config.get(k)!r})" for k in RESUME_FIXED if before.get(k) != config.get(k)
+            f"{k}={before.get(k)!r} (now {config.get(k)!r})" for k in RESUME_FIXED if before.get(k) != config.get(k)
         ]
         if changed:
             raise ValueError(

@@ -375,19 +375,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
     metrics = _train_loop(run, batches)
-    return _finish(
-        accelerator,
-        run.unwrapped,
-        tokenizer,
-        image_processor,
-        held_out,
-        data_args,
-        training_args,
-        progress,
-        main_steps,
-        metrics,
-        run.pusher,
-    )
+    return _finish(run, held_out, data_args, metrics)
 
 
 def _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args) -> ImageTextCollator:
@@ -743,20 +731,10 @@ def _total_skipped(accelerator: Accelerator, so_far: dict[str, int], local: Coun
     return {reason: so_far.get(reason, 0) + int(n) for reason, n in zip(SKIP_REASONS, counts)}
 
 
-def _finish(
-    accelerator,
-    model,
-    tokenizer,
-    image_processor,
-    held_out,
-    data_args,
-    training_args,
-    progress,
-    main_steps,
-    metrics,
-    pusher: HubPusher | None = None,
-) -> TrainResult:
+def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) -> TrainResult:
     """Save the model directory, evaluate on the held-out split, write the summary and the loss curve; push it."""
+    accelerator, model, tokenizer, image_processor = run.accelerator, run.unwrapped, run.tokenizer, run.image_processor
+    training_args, progress, main_steps, pusher = run.args, run.progress, run.main_steps, run.pusher
     output_dir = Path(training_args.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

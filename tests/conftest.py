@@ -14,6 +14,23 @@ from glip_hf.tokenization import text_config_overrides, train_clip_tokenizer  # 
 
 IMAGE_SIZE, PATCH_SIZE = 30, 2  # 15 x 15 = 225 patches
 TEXT_LEN = 32
+# Flags that shrink a training run (`run_pretraining.py` / `parse_run_args`) to seconds on a CPU.
+TINY_MODEL = [
+    *("--image_size", "16", "--patch_size", "4", "--projection_dim", "16", "--max_text_length", "16"),
+    *("--vision_hidden_size", "32", "--vision_layers", "2", "--vision_heads", "2", "--vision_intermediate_size", "37"),
+    *("--text_hidden_size", "32", "--text_layers", "2", "--text_heads", "2", "--text_intermediate_size", "37"),
+    *("--tokenizer_vocab_size", "600", "--report_to", "none", "--logging_steps", "1", "--warmup_steps", "1"),
+]
+# ... on the built-in dataset cut to 40 training rows (5 batches of 8) and 36 held-out ones.
+TINY_RUN = [
+    *TINY_MODEL,
+    "--synthetic_num_train",
+    "40",
+    "--synthetic_num_test",
+    "36",
+    "--per_device_train_batch_size",
+    "8",
+]
 
 
 def tiny_config(tokenizer=None, **overrides) -> GLIPConfig:

@@ -12,6 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 from accelerate.state import AcceleratorState
+from conftest import TINY_RUN
 from datasets_util import make_parquet
 from transformers import BertConfig
 
@@ -20,50 +21,7 @@ from glip_hf.synthetic import build_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-TINY = [
-    "--image_size",
-    "16",
-    "--patch_size",
-    "4",
-    "--vision_hidden_size",
-    "32",
-    "--vision_layers",
-    "2",
-    "--vision_heads",
-    "2",
-    "--vision_intermediate_size",
-    "37",
-    "--text_hidden_size",
-    "32",
-    "--text_layers",
-    "2",
-    "--text_heads",
-    "2",
-    "--text_intermediate_size",
-    "37",
-    "--projection_dim",
-    "16",
-    "--max_text_length",
-    "16",
-    "--tokenizer_vocab_size",
-    "600",
-    "--synthetic_num_train",
-    "40",
-    "--synthetic_num_test",
-    "36",
-    "--per_device_train_batch_size",
-    "8",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--warmup_steps",
-    "1",
-    "--max_steps",
-    "1",
-    "--eval_at_end",
-    "false",
-]
+TINY = [*TINY_RUN, "--max_steps", "1", "--eval_at_end", "false"]
 # Every message says what to do: the expected value, a flag to pass, or the change to make.
 ADVICE = re.compile(r"expected|must be|pass |lower |fix |quote |drop |did you mean|see |it has \[")
 

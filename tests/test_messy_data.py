@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
-from conftest import TEXT_LEN
+from conftest import TEXT_LEN, TINY_MODEL
 from datasets_util import (
     BAD_KINDS,
     ODD_KINDS,
@@ -164,13 +164,7 @@ def test_the_collator_counts_every_bad_row_and_converts_every_odd_one(messy, tok
 
 # -------------------------------------------------------------------------------------- (c) training
 
-TINY = [
-    *("--image_size", "16", "--patch_size", "4", "--projection_dim", "16", "--max_text_length", "16"),
-    *("--vision_hidden_size", "32", "--vision_layers", "2", "--vision_heads", "2", "--vision_intermediate_size", "37"),
-    *("--text_hidden_size", "32", "--text_layers", "2", "--text_heads", "2", "--text_intermediate_size", "37"),
-    *("--tokenizer_vocab_size", "600", "--report_to", "none", "--logging_steps", "1", "--warmup_steps", "1"),
-    *("--eval_at_end", "false", "--save_steps", "1000", "--cpu", "true"),
-]
+TINY = [*TINY_MODEL, "--eval_at_end", "false", "--save_steps", "1000", "--cpu", "true"]
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils.other import load as accelerate_load
+from conftest import TINY_RUN
 from safetensors.torch import load_file
 
 from glip_hf.arguments import parse_run_args
@@ -27,13 +28,7 @@ from glip_hf.modeling_glip import GLIPModel
 from glip_hf.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = (
-    "--image_size 16 --patch_size 4 --vision_hidden_size 32 --vision_layers 2 --vision_heads 2 "
-    "--vision_intermediate_size 37 --text_hidden_size 32 --text_layers 2 --text_heads 2 --text_intermediate_size 37 "
-    "--projection_dim 16 --max_text_length 16 --tokenizer_vocab_size 600 --synthetic_num_train 40 "
-    "--synthetic_num_test 36 --per_device_train_batch_size 8 --report_to none --logging_steps 1 --warmup_steps 1 "
-    "--eval_at_end false"
-).split()
+TINY = [*TINY_RUN, "--eval_at_end", "false"]
 STEPS = 24  # 5 batches per epoch: the runs cross epochs, and the last 4 steps are unmasked tuning
 RUN = [*TINY, "--max_steps", str(STEPS - 4), "--unmasked_tuning_steps", "4", "--save_total_limit", "3"]
 

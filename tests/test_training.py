@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import launch_two_processes, tiny_config
+from conftest import TINY_RUN, launch_two_processes, tiny_config
 from datasets_util import make_broken_dataset
 from safetensors.torch import load_file
 
@@ -20,46 +20,7 @@ from glip_hf.training import train, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-TINY = [
-    "--image_size",
-    "16",
-    "--patch_size",
-    "4",
-    "--vision_hidden_size",
-    "32",
-    "--vision_layers",
-    "2",
-    "--vision_heads",
-    "2",
-    "--vision_intermediate_size",
-    "37",
-    "--text_hidden_size",
-    "32",
-    "--text_layers",
-    "2",
-    "--text_heads",
-    "2",
-    "--text_intermediate_size",
-    "37",
-    "--projection_dim",
-    "16",
-    "--max_text_length",
-    "16",
-    "--tokenizer_vocab_size",
-    "600",
-    "--synthetic_num_train",
-    "40",
-    "--synthetic_num_test",
-    "36",
-    "--per_device_train_batch_size",
-    "8",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--warmup_steps",
-    "1",
-]
+TINY = TINY_RUN
 
 
 @pytest.fixture(autouse=True)
