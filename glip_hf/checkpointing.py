@@ -73,8 +73,8 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _PATTERN.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "progress.json").is_file()]
+    found = [p for p in root.iterdir() if _PATTERN.match(p.name) and (p / "progress.json").is_file()]
+    return sorted(found, key=_step)
 
 
 @dataclass

@@ -354,9 +354,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             truncate_metrics(output_dir / "metrics.jsonl", progress.step)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
     if trackers:
-        values = to_flat_dict(model_args, data_args, training_args)
         accelerator.init_trackers(
-            "glip", config={k: v for k, v in values.items() if isinstance(v, (int, float, str, bool))}
+            "glip", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
         )
     run = _Run(
         accelerator,
@@ -570,17 +569,18 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             progress.step += 1
             bar.update(1)
             window_images += global_rows
-            if progress.step % args.logging_steps == 0 or progress.step == run.total_steps:
+            last = progress.step == run.total_steps
+            log, save = progress.step % args.logging_steps == 0 or last, progress.step % args.save_steps == 0 or last
+            if log or save or stop:  # one all-reduce of the skip counts for what is logged and saved
                 progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
                 skipped_local = Counter()
+            if log:
                 _log(run, metrics, bar, window_loss, window_images, time.perf_counter() - window_start, lr, unmasked)
                 window_loss, window_images, window_start = [], 0, time.perf_counter()
             if nonfinite_streak >= args.max_nonfinite_steps:
                 bar.close()
                 _stop(run, _diverged_message(run, nonfinite_streak), exit_code=DIVERGED_EXIT)
-            if progress.step % args.save_steps == 0 or progress.step == run.total_steps or stop:
-                progress.skipped = _total_skipped(accelerator, progress.skipped, skipped_local)
-                skipped_local = Counter()
+            if save or stop:
                 path = save_checkpoint(
                     accelerator,
                     args.output_dir,
@@ -590,8 +590,8 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                     run.loss_fn,
                     run.config,
                 )
-                final = progress.step == run.total_steps  # pushed by _finish, with the end-of-run evaluation
-                if run.pusher is not None and args.hub_strategy == "every_save" and not (final or stop):
+                # The last step is pushed by _finish, with the end-of-run evaluation.
+                if run.pusher is not None and args.hub_strategy == "every_save" and not (last or stop):
                     run.pusher.push_snapshot(run)
             if stop:
                 bar.close()
