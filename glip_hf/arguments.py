@@ -229,6 +229,7 @@ _RUN_BOUNDS = (
         "an integer >= 1",
     ),
     (("num_workers", "warmup_steps", "unmasked_tuning_steps"), lambda v: v >= 0, "an integer >= 0"),
+    (("max_text_length",), lambda v: v >= 2, "an integer >= 2 (a text needs its start and end-of-text tokens)"),
     (
         ("learning_rate", "unmasked_tuning_learning_rate", "adam_epsilon"),
         lambda v: 0 < v < math.inf,

@@ -86,6 +86,7 @@ PRETRAINING_CASES = [
     ("warmup_ratio_one", ["--warmup_ratio", "1.0"], None, r"warmup_ratio=1\.0 .*\[0, 1\)"),
     ("warmup_steps_negative", ["--warmup_steps", "-5"], None, r"warmup_steps=-5 .*>= 0"),
     ("no_epochs_and_no_max_steps", ["--num_train_epochs", "0", "--max_steps", "-1"], None, r"num_train_epochs=0"),
+    ("max_text_length_one", ["--max_text_length", "1"], None, r"max_text_length=1 .*>= 2"),
     ("max_grad_norm_negative", ["--max_grad_norm", "-1"], None, r"max_grad_norm=-1\.0 .*>= 0"),
     ("max_nonfinite_steps_zero", ["--max_nonfinite_steps", "0"], None, r"max_nonfinite_steps=0 .*>= 1"),
     ("save_steps_zero", ["--save_steps", "0"], None, r"save_steps=0 .*>= 1"),
