@@ -31,8 +31,9 @@ CHECKPOINT_DIR = "checkpoints"
 LOSS_STATE = "loss.safetensors"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
 _TEMPORARY = (".tmp-", ".trash-")
-# What a started run leaves in its output directory; any of these marks the directory as holding a run.
-RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "train_summary.json", "model.safetensors", CHECKPOINT_DIR)
+# What a run that trained leaves in its output directory; any of these marks the directory as holding a run. A
+# `run_config.yaml` (and tokenizer) alone is a start that failed before its first logged step: it is overwritten.
+RUN_MARKERS = ("metrics.jsonl", "train_summary.json", "model.safetensors", CHECKPOINT_DIR)
 FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that reached its end
 # The files of a run's own that a replacing run removes first (the model directory is rewritten at its end).
 RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "config.json", "loss_curve.png")

@@ -500,6 +500,14 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0")  # the fixed command, same directory
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    # A start that wrote its run_config.yaml and tokenizer, then failed in its first batch, does not block either.
+    retry = tmp_path / "retry"
+    retry.mkdir()
+    (retry / "run_config.yaml").write_text("max_text_length: 1\n")
+    shutil.copy(tmp_path / "out" / "tokenizer.json", retry / "tokenizer.json")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--output_dir", str(retry))
+    assert (retry / "model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------- --push_to_hub
