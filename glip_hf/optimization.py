@@ -27,12 +27,15 @@ def parameter_groups(modules: list[nn.Module], weight_decay: float) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(modules: list[nn.Module], args: TrainingArguments) -> torch.optim.AdamW:
+def build_optimizer(modules: list[nn.Module], args: TrainingArguments, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``modules``; ``fused`` (one kernel for all parameters) is for CUDA runs: on the CPU it is left off
+    so that CPU results stay those of torch's default implementation."""
     return torch.optim.AdamW(
         parameter_groups(modules, args.weight_decay),
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
+        fused=fused or None,
     )
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny, oddly sized configs (so shape bugs show), a tokenizer trained offline, saved models."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -11,6 +12,9 @@ import torch  # noqa: E402
 from glip_hf import GLIPConfig, GLIPModel  # noqa: E402
 from glip_hf.synthetic import CAPTION_TEMPLATES, COLOURS, SHAPES, SIZES  # noqa: E402
 from glip_hf.tokenization import text_config_overrides, train_clip_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+OPEN_CLIP_PYTHON_ENV = "GLIP_HF_OPENCLIP_PYTHON"
 
 IMAGE_SIZE, PATCH_SIZE = 30, 2  # 15 x 15 = 225 patches
 TEXT_LEN = 32
@@ -127,3 +131,18 @@ def saved_model_dir(tmp_path_factory, tokenizer):
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size).save_pretrained(path)
     return path
+
+
+def open_clip_python() -> Path:
+    """The open_clip environment's python: skip without it locally, fail under CI (never a silent skip there)."""
+    python = Path(os.environ.get(OPEN_CLIP_PYTHON_ENV) or ROOT / ".venv-openclip" / "bin" / "python")
+    if not python.is_file():
+        reason = (
+            f"no open_clip environment at {python} (set {OPEN_CLIP_PYTHON_ENV}); create it as .ci/run does: "
+            'python3 -m venv .venv-openclip && .venv-openclip/bin/pip install "torch==2.14.1" "torchvision==0.29.1" '
+            '"open_clip_torch==3.3.0" -e .'
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return python

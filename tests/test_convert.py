@@ -8,12 +8,12 @@ these tests skip locally and fail under CI (``CI`` set). The other tests need no
 """
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import open_clip_python
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
@@ -30,7 +30,6 @@ from glip_hf.convert import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-OPEN_CLIP_PYTHON_ENV = "GLIP_HF_OPENCLIP_PYTHON"
 ATOL = 1e-5  # fp32, the same weights through two implementations of the same network
 
 # Small open_clip models with odd sizes, so that a swapped or transposed tensor shows.
@@ -342,21 +341,6 @@ def test_missing_files_and_existing_outputs_are_one_line(capsys, glip_dir, tmp_p
 
 # ------------------------------------------------------------------------------------------------------------------
 # Against open_clip itself.
-
-
-def open_clip_python() -> Path:
-    """The open_clip environment's python: skip without it locally, fail under CI (never a silent skip there)."""
-    python = Path(os.environ.get(OPEN_CLIP_PYTHON_ENV) or ROOT / ".venv-openclip" / "bin" / "python")
-    if not python.is_file():
-        reason = (
-            f"no open_clip environment at {python} (set {OPEN_CLIP_PYTHON_ENV}); create it as .ci/run does: "
-            'python3 -m venv .venv-openclip && .venv-openclip/bin/pip install "torch==2.14.1" "torchvision==0.29.1" '
-            "open_clip_torch safetensors numpy"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return python
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,637 @@
+"""Training-step throughput of GLIPModel against open_clip's FLIP (``patch_dropout``), side by side in one process.
+
+Each timed step is a full training step as users run it: forward of both towers, contrastive loss over the batch,
+backward, AdamW step, gradients cleared. GLIP runs the project's own training step (`glip_hf.training.train_step`
+under an `accelerate.Accelerator`, the optimizer of `glip_hf.optimization`); open_clip runs its model, its
+`ClipLoss` and AdamW under `torch.autocast`, as its trainer does. Both: ViT-B/16 at 224 px, a 12-layer 512-wide text
+tower over 77 tokens, bf16 autocast on CUDA, SDPA attention, fused AdamW on CUDA, random data.
+
+For every (batch, mode, ratio) the script warms up (compilation happens there and is timed separately),
+synchronises the device around each step, and reports the median over the timed steps:
+
+* ``img_s``: images per second; ``mfu``: model FLOPs / step time / ``--peak_tflops`` (FLOPs counted as in
+  `model_flops`: 3 x forward, kept tokens, both towers, patch embedding included);
+* ``peak_gib``: peak allocated device memory over the timed steps (CUDA only);
+* ``vs_open_clip``: img/s over open_clip's at the same ratio, batch and mode;
+* ``mask_share``: for GLIP, the time of drawing the masks and gathering the kept tokens (forward and backward,
+  timed alone at the step's shapes) over the step time.
+
+``--levers`` adds GLIP rows at one configuration with one setting changed each (foreach instead of fused AdamW,
+the run's gradient-norm check and clipping, no text attention mask, `glip_hf.activations.LeanQuickGELU`);
+``--max_batch`` searches the largest batch
+that fits per variant (doubling from the largest of ``--batches``).
+
+Run (one H200, about 7 minutes)::
+
+    python benchmarks/throughput.py --out throughput.json
+
+and on a CPU, for a smoke test of every code path (numbers meaningless)::
+
+    python benchmarks/throughput.py --device cpu --tiny
+
+open_clip imports torchvision, which must match the installed torch; where it does not import, ``--impls glip``
+leaves the open_clip side out (the script says so when asked for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+RATIOS = (0.0, 0.5, 0.75, 0.918)
+BF16_DENSE_TFLOPS_H200 = 790.0  # bf16 matmul rate measured on the reference card (../shared/bench)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The two towers' sizes; ``vitb16`` is CLIP ViT-B/16, ``tiny`` a CPU-sized stand-in."""
+
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    context_length: int
+    vocab_size: int
+    embed_dim: int
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+VITB16 = Dims(224, 16, 768, 12, 12, 512, 12, 8, 77, 49408, 512)
+TINY = Dims(32, 8, 32, 2, 2, 32, 2, 2, 16, 500, 16)
+
+
+def kept_patches(num_patches: int, ratio: float) -> int:
+    """Patches kept at ``ratio``: ``max(1, int(N * (1 - ratio)))`` in both implementations."""
+    return max(1, int(num_patches * (1 - ratio)))
+
+
+def model_flops(dims: Dims, ratio: float, batch: int) -> float:
+    """FLOPs of one training step (3 x forward) on ``batch`` images and captions.
+
+    Per transformer layer on N tokens of width d: ``24 N d^2 + 4 N^2 d``. The patch embedding is counted over all
+    N patches (``2 N (3 p^2) d``), as in the reference table of the speed issue: open_clip's convolution runs on
+    every patch; GLIP projects only the kept ones, so its MFU is understated by up to 1%. The projections and the
+    loss are left out (under 0.1%).
+    """
+
+    def tower(tokens: int, width: int, layers: int) -> float:
+        return layers * (24 * tokens * width**2 + 4 * tokens**2 * width)
+
+    k = kept_patches(dims.num_patches, ratio)
+    vision = tower(1 + k, dims.vision_width, dims.vision_layers)
+    vision += 2 * dims.num_patches * 3 * dims.patch_size**2 * dims.vision_width
+    text = tower(dims.context_length, dims.text_width, dims.text_layers)
+    return 3.0 * batch * (vision + text)
+
+
+@dataclass
+class Row:
+    impl: str
+    ratio: float
+    batch: int
+    mode: str
+    lever: str = ""
+    img_s: float = float("nan")
+    step_ms: float = float("nan")
+    spread: float = float("nan")  # (max - min) / median over the timed steps
+    mfu: float = float("nan")
+    peak_gib: float = float("nan")
+    warmup_s: float = float("nan")  # includes compilation in compile mode
+    mask_ms: float = float("nan")
+    mask_share: float = float("nan")
+    vs_open_clip: float = float("nan")
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class Setup:
+    """Device, precision and the accelerator shared by every GLIP variant of the run."""
+
+    def __init__(self, device: str, bf16: bool):
+        self.device = torch.device(device)
+        self.bf16 = bf16
+        self._accelerator = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(cpu=not self.cuda, mixed_precision="bf16" if self.bf16 else "no")
+        return self._accelerator
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+# --- the two implementations ------------------------------------------------------------------------------------
+
+
+class Variant:
+    """One model + optimizer + step function; ``set_ratio`` changes the mask ratio in place."""
+
+    impl = ""
+
+    def set_ratio(self, ratio: float) -> None:
+        raise NotImplementedError
+
+    def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class GlipVariant(Variant):
+    """GLIPModel (Gaussian masking, sigma 0.2) trained by the project's own step."""
+
+    impl = "glip"
+
+    def __init__(self, dims: Dims, setup: Setup, compile_model: bool, lever: str = ""):
+        from glip_hf import GLIPConfig, GLIPModel
+        from glip_hf.activations import use_lean_activations
+        from glip_hf.arguments import TrainingArguments
+        from glip_hf.losses import MAX_LOGIT_SCALE, ContrastiveLoss
+        from glip_hf.optimization import build_optimizer
+
+        vision = dict(
+            hidden_size=dims.vision_width,
+            intermediate_size=4 * dims.vision_width,
+            num_hidden_layers=dims.vision_layers,
+            num_attention_heads=dims.vision_heads,
+            image_size=dims.image_size,
+            patch_size=dims.patch_size,
+            mask_ratio=0.0,
+            mask_strategy="gaussian",
+            mask_sigma=0.2,
+        )
+        text = dict(
+            hidden_size=dims.text_width,
+            intermediate_size=4 * dims.text_width,
+            num_hidden_layers=dims.text_layers,
+            num_attention_heads=dims.text_heads,
+            max_position_embeddings=dims.context_length,
+            vocab_size=dims.vocab_size,
+        )
+        config = GLIPConfig(text_config=text, vision_config=vision, projection_dim=dims.embed_dim)
+        config._attn_implementation = "sdpa"
+        self.setup, self.lever, self.dims = setup, lever, dims
+        self.accelerator = setup.accelerator()
+        with setup.device:
+            model = GLIPModel(config)
+        model.train()
+        if lever == "lean_activations":
+            use_lean_activations(model)
+        self.unwrapped = model
+        self.loss_fn = ContrastiveLoss("clip").to(setup.device)
+        args = TrainingArguments(output_dir="unused", learning_rate=1e-4)
+        fused = setup.cuda and lever != "foreach_adamw"
+        self.optimizer = build_optimizer([model, self.loss_fn], args, fused=fused)
+        if compile_model:
+            model = torch.compile(model)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.max_logit_scale = MAX_LOGIT_SCALE
+        self.ratio = 0.0
+        self._masking = contextlib.ExitStack()
+
+    def set_ratio(self, ratio: float) -> None:
+        from glip_hf import masked_inference
+
+        self._masking.close()
+        self._masking = contextlib.ExitStack()
+        self._masking.enter_context(masked_inference(self.unwrapped, mask_ratio=ratio))
+        self.ratio = ratio
+
+    def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
+        from glip_hf.step import train_step
+
+        mask = None if self.lever == "no_text_mask" else torch.ones_like(input_ids)
+        batch = {"pixel_values": images, "input_ids": input_ids, "attention_mask": mask}
+        train_step(self.model, self.loss_fn, self.unwrapped.logit_scale, [batch], self.accelerator)
+        if self.lever == "grad_norm_check":  # what `glip_hf.training._update` adds: total norm, finiteness, clip
+            norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), 1.0)
+            bool(torch.isfinite(norm).item())
+        self.optimizer.step()
+        with torch.no_grad():
+            self.unwrapped.logit_scale.clamp_(0, self.max_logit_scale)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mask_time(self, batch: int, repeats: int) -> float:
+        """Seconds of drawing one batch of masks and gathering the kept patches and positions, forward and backward.
+
+        Timed alone at the step's shapes (float32, as under autocast: the gathers precede the matmul)."""
+        from glip_hf.masking import keep_indices_from_offset
+
+        embeddings = self.unwrapped.vision_model.embeddings
+        offset = embeddings.mask_offset
+        k = kept_patches(offset.numel(), self.ratio)
+        p, d, device = self.dims.patch_size, self.dims.vision_width, self.setup.device
+        patches = torch.randn(batch, offset.numel(), 3 * p * p, device=device, requires_grad=True)
+        positions = torch.randn(1, offset.numel(), d, device=device, requires_grad=True)
+        grad_patches = torch.randn(batch, k, 3 * p * p, device=device)
+        grad_positions = torch.randn(batch, k, d, device=device)
+
+        def once() -> None:
+            keep = keep_indices_from_offset(batch, offset, k)  # (B, k)
+            kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            kept_positions = positions.expand(batch, -1, -1).gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
+            torch.autograd.grad((kept, kept_positions), (patches, positions), (grad_patches, grad_positions))
+
+        return _median_seconds(once, self.setup, repeats)
+
+    def close(self) -> None:
+        self._masking.close()
+        self.accelerator.free_memory()
+
+
+class OpenClipVariant(Variant):
+    """open_clip's CLIP with ``patch_dropout`` (its FLIP), trained as open_clip's trainer does."""
+
+    impl = "open_clip"
+
+    def __init__(self, dims: Dims, setup: Setup, compile_model: bool, lever: str = ""):
+        import open_clip
+        from open_clip.loss import ClipLoss
+
+        if dims == VITB16:
+            model = open_clip.create_model("ViT-B-16", pretrained=None, device=setup.device)
+        else:
+            from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+            vision = CLIPVisionCfg(
+                layers=dims.vision_layers,
+                width=dims.vision_width,
+                head_width=dims.vision_width // dims.vision_heads,
+                patch_size=dims.patch_size,
+                image_size=dims.image_size,
+            )
+            text = CLIPTextCfg(
+                context_length=dims.context_length,
+                vocab_size=dims.vocab_size,
+                width=dims.text_width,
+                heads=dims.text_heads,
+                layers=dims.text_layers,
+            )
+            model = CLIP(dims.embed_dim, vision, text).to(setup.device)
+        model.train()
+        self.setup, self.unwrapped = setup, model
+        self.loss_fn = ClipLoss()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.2}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=1e-4,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            fused=setup.cuda,
+        )
+        self.model = torch.compile(model) if compile_model else model
+
+    def set_ratio(self, ratio: float) -> None:
+        from open_clip.transformer import PatchDropout
+
+        self.unwrapped.visual.patch_dropout = PatchDropout(ratio) if ratio > 0 else torch.nn.Identity()
+
+    def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
+        with self.setup.autocast():
+            image_features, text_features, logit_scale = self.model(images, input_ids)
+            loss = self.loss_fn(image_features, text_features, logit_scale)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():  # open_clip's trainer clamps the temperature after each step
+            self.unwrapped.logit_scale.clamp_(0, math.log(100))
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+LEVERS = ("baseline", "foreach_adamw", "grad_norm_check", "no_text_mask", "lean_activations")
+BUILDERS: dict[str, Callable[..., Variant]] = {"glip": GlipVariant, "open_clip": OpenClipVariant}
+
+
+# --- timing -----------------------------------------------------------------------------------------------------
+
+
+def _median_seconds(fn: Callable[[], None], setup: Setup, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        setup.sync()
+        start = time.perf_counter()
+        fn()
+        setup.sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _inputs(dims: Dims, batch: int, device: torch.device, count: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` random batches: images (B, 3, S, S) and token ids (B, L), end-of-text (the largest id) last, which
+    both implementations pool at."""
+    out = []
+    for _ in range(count):
+        images = torch.randn(batch, 3, dims.image_size, dims.image_size, device=device)
+        ids = torch.randint(1, dims.vocab_size - 1, (batch, dims.context_length), device=device)
+        ids[:, -1] = dims.vocab_size - 1
+        out.append((images, ids))
+    return out
+
+
+def time_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, warmup: int, steps: int, peak: float) -> Row:
+    """Fill ``row`` with the median step time of ``variant`` at its batch and ratio (``set_ratio`` done before)."""
+    inputs = _inputs(dims, row.batch, setup.device)
+    start = time.perf_counter()
+    for i in range(warmup):
+        variant.step(*inputs[i % len(inputs)])
+    setup.sync()
+    row.warmup_s = time.perf_counter() - start
+    if setup.cuda:
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    times = []
+    for i in range(steps):
+        setup.sync()
+        t0 = time.perf_counter()
+        variant.step(*inputs[i % len(inputs)])
+        setup.sync()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    row.step_ms = 1e3 * median
+    row.img_s = row.batch / median
+    row.spread = (max(times) - min(times)) / median
+    row.mfu = model_flops(dims, row.ratio, row.batch) / median / (peak * 1e12)
+    if setup.cuda:
+        row.peak_gib = torch.cuda.max_memory_allocated(setup.device) / 2**30
+    if isinstance(variant, GlipVariant) and row.ratio > 0:
+        row.mask_ms = 1e3 * variant.mask_time(row.batch, repeats=max(5, steps))
+        row.mask_share = row.mask_ms / row.step_ms
+    return row
+
+
+def _release(setup: Setup) -> None:
+    gc.collect()
+    if setup.cuda:
+        torch.cuda.empty_cache()
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def resident_bytes(variant: Variant) -> int:
+    """Bytes a built variant holds between steps: parameters and optimizer state (gradients are cleared)."""
+    tensors = list(variant.unwrapped.parameters())
+    tensors += [t for state in variant.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def run_grid(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
+    """Every mode x batch x ratio x impl, the implementations side by side at each point (so that a run cut short
+    still holds pairs); one model per (impl, mode), built once, its ratio switched in place."""
+    for mode in args.modes:
+        variants: dict[str, Variant | str] = {}
+        for impl in args.impls:
+            try:
+                variants[impl] = BUILDERS[impl](dims, setup, compile_model=mode == "compile")
+            except Exception as error:  # one implementation failing must not lose the others' rows
+                variants[impl] = f"build: {error!r}"[:400]
+        for batch in args.batches:
+            for ratio in args.ratios:
+                for impl, variant in variants.items():
+                    row = Row(impl, ratio, batch, mode)
+                    if isinstance(variant, str):
+                        row.error = variant
+                        emit(row)
+                        continue
+                    try:
+                        variant.set_ratio(ratio)
+                        time_steps(variant, row, dims, setup, args.warmup, args.steps, args.peak_tflops)
+                        # the peak holds the other implementations' weights and optimizer state: not this one's
+                        others = sum(resident_bytes(v) for v in variants.values() if isinstance(v, Variant))
+                        row.peak_gib -= (others - resident_bytes(variant)) / 2**30
+                    except Exception as error:
+                        row.error = ("OOM" if _is_oom(error) else repr(error))[:400]
+                        variant.optimizer.zero_grad(set_to_none=True)
+                        _release(setup)
+                    emit(row)
+        for variant in variants.values():
+            if isinstance(variant, Variant):
+                variant.close()
+        variants.clear()
+        _release(setup)
+
+
+def run_levers(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
+    """GLIP at ``--lever_batch`` / ``--lever_ratio``, eager, one setting changed per row (a baseline row first)."""
+    for lever in args.levers:
+        row = Row("glip", args.lever_ratio, args.lever_batch, "eager", lever=lever)
+        try:
+            variant = GlipVariant(dims, setup, compile_model=False, lever="" if lever == "baseline" else lever)
+            variant.set_ratio(args.lever_ratio)
+            time_steps(variant, row, dims, setup, args.warmup, args.steps, args.peak_tflops)
+            variant.close()
+            del variant
+        except Exception as error:
+            row.error = ("OOM" if _is_oom(error) else repr(error))[:400]
+        _release(setup)
+        emit(row)
+
+
+def run_max_batch(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
+    """Largest batch that fits, per impl and ratio (eager), doubling from the largest of ``--batches``."""
+    for impl in args.impls:
+        for ratio in args.ratios:
+            batch, best = max(args.batches) * 2, None
+            while batch <= args.max_batch_limit:
+                row = Row(impl, ratio, batch, "eager", lever="max_batch")
+                try:
+                    variant = BUILDERS[impl](dims, setup, compile_model=False)
+                    variant.set_ratio(ratio)
+                    time_steps(variant, row, dims, setup, 1, max(3, args.steps // 3), args.peak_tflops)
+                    variant.close()
+                    del variant
+                    best = row
+                except Exception as error:
+                    if not _is_oom(error):
+                        row.error = repr(error)[:400]
+                        emit(row)
+                    _release(setup)
+                    break
+                _release(setup)
+                batch *= 2
+            if best is not None:
+                emit(best)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    """``vs_open_clip`` of every GLIP row: its img/s over open_clip's at the same ratio, batch and mode."""
+    reference = {(r.ratio, r.batch, r.mode): r.img_s for r in rows if r.impl == "open_clip" and not r.lever}
+    for r in rows:
+        if r.impl == "glip" and (r.ratio, r.batch, r.mode) in reference and not r.error:
+            r.vs_open_clip = r.img_s / reference[(r.ratio, r.batch, r.mode)]
+
+
+def environment(setup: Setup) -> dict:
+    """Card, driver and package versions written next to the figures."""
+    info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
+    for name in ("transformers", "accelerate", "open_clip"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception as error:
+            info[name] = f"unavailable ({type(error).__name__})"
+    if setup.cuda:
+        info["device"] = torch.cuda.get_device_name(setup.device)
+        info["cuda"] = torch.version.cuda
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+        except Exception:
+            info["driver"] = "unknown"
+    else:
+        info["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    return info
+
+
+def format_table(rows: list[Row]) -> str:
+    head = "| impl | lever | mode | batch | ratio | img/s | MFU | peak GiB | vs open_clip | mask share | warm-up s |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | {r.error[:60]} |||||||")
+            continue
+        lines.append(
+            f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | {r.img_s:.0f} | {100 * r.mfu:.1f}% "
+            f"| {r.peak_gib:.1f} | {r.vs_open_clip:.2f} | {100 * r.mask_share:.2f}% | {r.warmup_s:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
+    return lambda text: [kind(part) for part in text.split(",") if part]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized towers (smoke test; figures meaningless)")
+    parser.add_argument("--impls", type=_csv(str), default=["glip", "open_clip"])
+    parser.add_argument("--modes", type=_csv(str), default=["eager", "compile"])
+    parser.add_argument("--batches", type=_csv(int), default=None, help="default 256,1024 (tiny: 8)")
+    parser.add_argument("--ratios", type=_csv(float), default=list(RATIOS))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per row (compilation happens here)")
+    parser.add_argument(
+        "--levers",
+        type=_csv(str),
+        nargs="?",
+        const=None,
+        default=[],
+        help="GLIP rows, one setting changed each: all of them, or a comma-separated subset of " + ",".join(LEVERS),
+    )
+    parser.add_argument("--lever_batch", type=int, default=None, help="default: the largest of --batches")
+    parser.add_argument("--lever_ratio", type=float, default=0.75)
+    parser.add_argument("--max_batch", action="store_true", help="search the largest batch that fits (eager)")
+    parser.add_argument("--max_batch_limit", type=int, default=16384)
+    parser.add_argument("--dynamic", action="store_true", help="let torch.compile make shapes dynamic on change")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (the default on CPU)")
+    parser.add_argument("--peak_tflops", type=float, default=BF16_DENSE_TFLOPS_H200, help="for MFU")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")
+    args = parser.parse_args(argv)
+    for impl in args.impls:
+        if impl not in BUILDERS:
+            parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(BUILDERS)}")
+    for mode in args.modes:
+        if mode not in ("eager", "compile"):
+            parser.error(f"--modes: unknown mode {mode!r}; choose eager and/or compile")
+    for ratio in args.ratios:
+        if not 0 <= ratio < 1:
+            parser.error(f"--ratios: {ratio} is not in [0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu (with --tiny for a smoke test)")
+    if args.levers is None:
+        args.levers = list(LEVERS)
+    for lever in args.levers:
+        if lever not in LEVERS:
+            parser.error(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
+    if args.batches is None:
+        args.batches = [8] if args.tiny else [256, 1024]
+    if args.lever_batch is None:
+        args.lever_batch = max(args.batches)
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    dims = TINY if args.tiny else VITB16
+    setup = Setup(args.device, bf16=not args.fp32 and args.device.startswith("cuda"))
+    if setup.cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if not args.dynamic:  # static shapes, as a training run at one mask ratio sees them
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        for name in ("recompile_limit", "cache_size_limit"):  # one graph per (batch, ratio); the name varies
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if "open_clip" in args.impls:
+        try:
+            import open_clip  # noqa: F401
+        except Exception as error:
+            print(f"open_clip side left out: it does not import here ({error!r:.200}).", file=sys.stderr)
+            args.impls = [impl for impl in args.impls if impl != "open_clip"]
+    info = environment(setup)
+    print(json.dumps(info), flush=True)
+    rows: list[Row] = []
+
+    def emit(row: Row) -> None:
+        rows.append(row)
+        print(json.dumps(asdict(row)), flush=True)
+        if args.out is not None:  # written after every row: a run cut short keeps what it measured
+            add_ratios(rows)
+            payload = {"environment": info, "args": _jsonable(vars(args)), "rows": [asdict(r) for r in rows]}
+            args.out.write_text(json.dumps(payload, indent=1))
+
+    if args.levers:  # first: a few eager rows, kept if a long compiled grid is cut short
+        run_levers(args, dims, setup, emit)
+    run_grid(args, dims, setup, emit)
+    if args.max_batch:
+        run_max_batch(args, dims, setup, emit)
+    add_ratios(rows)
+    print(format_table(rows))
+    return rows
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""benchmarks/throughput.py: its FLOP count, the masked path's compilability, and a CPU smoke run of every code
+path on both implementations (figures are not checked: no timing asserts)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, open_clip_python
+
+from glip_hf import GLIPConfig, GLIPModel, masked_inference
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import throughput  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "ratio, batch, img_s, mfu",
+    # Reference rows of the speed issue (one H200, 790 TFLOP/s): the same FLOP count gives the same MFU.
+    [(0.0, 256, 1914, 0.299), (0.75, 1024, 4730, 0.265), (0.918, 1024, 6552, 0.226), (0.5, 256, 2835, 0.252)],
+)
+def test_model_flops_match_the_reference_mfu(ratio, batch, img_s, mfu):
+    step_seconds = batch / img_s
+    measured = throughput.model_flops(throughput.VITB16, ratio, batch) / step_seconds / 790e12
+    assert measured == pytest.approx(mfu, abs=0.0015)
+
+
+def test_kept_patches_match_open_clip_patch_dropout():
+    # open_clip keeps max(1, int(N * (1 - p))) tokens: both sides must run on as many tokens for a fair comparison.
+    from glip_hf.masking import num_kept_patches
+
+    for ratio in (0.5, 0.75, 0.918, 0.99):
+        assert throughput.kept_patches(196, ratio) == num_kept_patches(196, ratio)
+
+
+def _small_model(mask_ratio: float) -> GLIPModel:
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32)
+    vision.update(patch_size=8, mask_ratio=mask_ratio)
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, vocab_size=100)
+    text.update(max_position_embeddings=16, bos_token_id=0, eos_token_id=99, pad_token_id=99)
+    config = GLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    config._attn_implementation = "sdpa"
+    return GLIPModel(config).train()
+
+
+def test_masked_forward_compiles_in_one_graph():
+    """torch.compile sees the whole masked step (mask sampling, gather, both towers) as one graph: no break."""
+    model = _small_model(0.75)
+    ids = torch.randint(2, 98, (4, 16))
+    ids[:, -1] = 99
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(4, 3, 32, 32), attention_mask=torch.ones_like(ids))
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    with masked_inference(model, mask_ratio=0.5):  # the benchmark switches ratios this way
+        explained = torch._dynamo.explain(model)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def _smoke(python, tmp_path, impls: str) -> list[dict]:
+    out = tmp_path / f"{impls}.json"
+    command = [str(python), str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--tiny"]
+    command += ["--impls", impls, "--modes", "eager", "--ratios", "0,0.75", "--steps", "2", "--warmup", "1"]
+    command += ["--levers", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["device"].startswith("cpu")
+    assert "| impl |" in result.stdout  # the table is printed last
+    rows = payload["rows"]
+    assert all(not row["error"] for row in rows), [row["error"] for row in rows]
+    for row in rows:
+        assert row["img_s"] > 0 and row["step_ms"] > 0 and 0 < row["mfu"] < 1
+    masked = [row for row in rows if row["impl"] == "glip" and row["ratio"] > 0]
+    assert masked and all(0 < row["mask_share"] < 1 for row in masked)
+    levers = {row["lever"] for row in rows if row["lever"]}
+    assert levers == set(throughput.LEVERS)
+    return rows
+
+
+def test_cpu_smoke_run_of_both_implementations(tmp_path):
+    """Both sides in one process, as on the GPU: open_clip imports torchvision, so this runs in the open_clip
+    environment (torch 2.14.1 + torchvision 0.29.1, the project installed beside)."""
+    rows = _smoke(open_clip_python(), tmp_path, "glip,open_clip")
+    grid = [row for row in rows if not row["lever"]]
+    assert {(row["impl"], row["ratio"]) for row in grid} == {
+        (impl, ratio) for impl in ("glip", "open_clip") for ratio in (0.0, 0.75)
+    }
+    assert all(row["vs_open_clip"] > 0 for row in grid if row["impl"] == "glip")
+
+
+def test_open_clip_missing_is_said_not_fatal(tmp_path):
+    """Where open_clip does not import (the project's CPU torch), the GLIP side still runs and says so."""
+    try:
+        import open_clip  # noqa: F401
+
+        pytest.skip("open_clip imports in this environment")
+    except Exception:
+        pass
+    out = tmp_path / "glip.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--tiny", "--ratios"]
+    command += ["0.5", "--modes", "eager", "--steps", "1", "--warmup", "1", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "open_clip side left out" in result.stderr
+    assert {row["impl"] for row in json.loads(out.read_text())["rows"]} == {"glip"}
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    for flags, field in ((["--impls", "timm"], "--impls"), (["--ratios", "1.0"], "--ratios")):
+        with pytest.raises(SystemExit) as stopped:
+            throughput.parse_args(["--device", "cpu", "--tiny", *flags])
+        assert stopped.value.code == 2
+        assert field in capsys.readouterr().err.strip().splitlines()[-1]
