@@ -4,8 +4,9 @@
 
 Rank r takes rows [starts[r], starts[r+1]) of a fixed batch (uneven shards on purpose), computes the global
 contrastive loss with features gathered across processes, back-propagates through DDP, and rank 0 saves the
-reduced loss and the synchronised gradients to OUT. Everything runs in float64, so that the comparison with one
-process measures the gathering, not float32 summation order (which differs between CPUs).
+reduced loss and the synchronised gradients, clipped to a total norm of MAX_NORM as the training loop clips them
+(the loss module's own parameters, SigLIP's bias, included), to OUT. Everything runs in float64, so that the
+comparison with one process measures the gathering, not float32 summation order (which differs between CPUs).
 
 Launched with an FSDP accelerate config (``--config_file configs/accelerate/fsdp_*.yaml``), the model is sharded by
 Accelerate as that config says (on CPU: see `fsdp_on_cpu.py`) and the full gradients are gathered from the shards;
@@ -26,7 +27,9 @@ from fsdp_on_cpu import allow_fsdp_on_cpu  # noqa: E402
 
 from glip_hf import GLIPModel  # noqa: E402
 from glip_hf.losses import ContrastiveLoss  # noqa: E402
-from glip_hf.sharding import make_shardable, uses_fsdp  # noqa: E402
+from glip_hf.sharding import gradient_norm, make_shardable, uses_fsdp  # noqa: E402
+
+MAX_NORM = 0.05  # below the step's gradient norm: clipping is on
 
 
 def fixed_batch():
@@ -52,7 +55,12 @@ def one_step(accelerator: Accelerator, kind: str) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     loss = loss_fn(out_model.image_embeds, out_model.text_embeds, unwrapped.logit_scale)  # read after forward
     accelerator.backward(loss)
-    return {"loss": accelerator.reduce(loss.detach(), "mean"), "grads": full_gradients(accelerator, model)}
+    extra = list(loss_fn.parameters())
+    for param in extra:  # as the training loop does: the loss module stays outside DDP / FSDP
+        param.grad = accelerator.reduce(param.grad, "mean")
+    norm = gradient_norm(accelerator, model, extra, MAX_NORM)
+    grads = {**full_gradients(accelerator, model), **{f"loss.{n}": p.grad for n, p in loss_fn.named_parameters()}}
+    return {"loss": accelerator.reduce(loss.detach(), "mean"), "grads": grads, "norm": norm}
 
 
 def full_gradients(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
@@ -82,6 +90,7 @@ def main(out: str, kind: str, modes: list[str]) -> None:
         version, strategy = mode.split(":")
         reshard = {"FULL_SHARD": "true", "SHARD_GRAD_OP": "false"}[strategy] if version == "2" else strategy
         os.environ.update(FSDP_VERSION=version, FSDP_RESHARD_AFTER_FORWARD=reshard)
+        accelerator.free_memory()  # forget the previous model: clipping looks each prepared model up
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
         results[mode] = one_step(accelerator, kind)
     if accelerator.is_main_process:

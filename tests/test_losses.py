@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import launch_two_processes, tiny_config
-from dist_loss_check import fixed_batch
+from dist_loss_check import MAX_NORM, fixed_batch
 
 from glip_hf import GLIPModel
 from glip_hf.losses import ContrastiveLoss, clip_loss, siglip_loss
@@ -71,19 +71,25 @@ def test_fsdp_full_shard_and_shard_grad_op_match_one_process(tmp_path):
 
 
 def assert_matches_one_process(distributed: dict, kind: str) -> None:
-    """``distributed`` (loss and full gradients of two ranks on a split batch) equals one process on the batch."""
+    """``distributed`` (loss, clipped full gradients and their norm before clipping, of two ranks on a split batch)
+    equals one process on the whole batch."""
     torch.manual_seed(0)
     model = GLIPModel(tiny_config(mask_ratio=0.0)).double()
     pixel_values, input_ids = fixed_batch()
     single = model(pixel_values=pixel_values, input_ids=input_ids)
-    loss = ContrastiveLoss(kind).double()(single.image_embeds, single.text_embeds, model.logit_scale)
+    loss_fn = ContrastiveLoss(kind).double()
+    loss = loss_fn(single.image_embeds, single.text_embeds, model.logit_scale)
     loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_([*model.parameters(), *loss_fn.parameters()], MAX_NORM)
+    assert norm > 2 * MAX_NORM  # the comparison is of clipped gradients
+    torch.testing.assert_close(distributed["norm"], norm, rtol=1e-9, atol=0)
     # Both sides in float64: summation order (gather, DDP all-reduce) moves results by ~1e-16 relative, so bounds of
     # 1e-9 hold on any CPU and still catch a wrong gather or weight. The absolute bound is scaled to the largest
     # gradient: some gradients are zero in exact arithmetic (attention key biases), their float64 noise is not.
     assert distributed["loss"].dtype == torch.float64
     torch.testing.assert_close(distributed["loss"], loss.detach(), rtol=1e-9, atol=0)
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"loss.{name}": p.grad for name, p in loss_fn.named_parameters()})
     assert grads.keys() == distributed["grads"].keys()
     unit = max(grad.abs().max().item() for grad in grads.values())
     for name, grad in grads.items():
