@@ -3,6 +3,7 @@
     accelerate launch run_pretraining.py                                     # built-in offline run (CPU, minutes)
     accelerate launch run_pretraining.py --config configs/glip_vitb16_75.yaml --dataset_name NAME
     accelerate launch --multi_gpu --num_processes 4 run_pretraining.py --config configs/glip_vitb16_50.yaml ...
+    accelerate launch --config_file configs/accelerate/fsdp_full_shard.yaml run_pretraining.py --config ...  # FSDP
     accelerate launch run_pretraining.py --config CONFIG --resume_from_checkpoint latest
 
 Every field of the YAML can be overridden by a flag of the same name; `--help` lists them. A bad configuration stops

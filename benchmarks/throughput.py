@@ -233,7 +233,7 @@ class GlipVariant(Variant):
 
         mask = None if self.lever == "no_text_mask" else torch.ones_like(input_ids)
         batch = {"pixel_values": images, "input_ids": input_ids, "attention_mask": mask}
-        train_step(self.model, self.loss_fn, self.unwrapped.logit_scale, [batch], self.accelerator)
+        train_step(self.model, self.loss_fn, self.unwrapped, [batch], self.accelerator)
         if self.lever == "grad_norm_check":  # what `glip_hf.training._update` adds: total norm, finiteness, clip
             norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), 1.0)
             bool(torch.isfinite(norm).item())

@@ -2,10 +2,10 @@
 mistake.
 
 A checkpoint is ``checkpoints/checkpoint-<step>``: the accelerate state (model as safetensors, optimizer, schedule,
-per-process RNG), the loss module's parameters as safetensors, ``progress.json`` and the tokenizer. It is written
-under a temporary name, flushed to disk and renamed, so a run killed at any moment leaves either the whole checkpoint
-or none: ``latest`` only ever sees complete ones. Old checkpoints are renamed away before they are deleted for the
-same reason.
+per-process RNG; under FSDP, model and optimizer as every process's shards), the loss module's parameters as
+safetensors, ``progress.json`` and the tokenizer. It is written under a temporary name, flushed to disk and renamed,
+so a run killed at any moment leaves either the whole checkpoint or none: ``latest`` only ever sees complete ones. Old
+checkpoints are renamed away before they are deleted for the same reason.
 """
 
 from __future__ import annotations

@@ -173,6 +173,14 @@ class GLIPModel(CLIPModel, GLIPPreTrainedModel):
         self.vision_model = GLIPVisionModel._from_config(config.vision_config)
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The text tower's token embedding. transformers' `CLIPModel` names none (it raises), and Accelerate's FSDP2
+        asks every model for it when sharding."""
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
 
 def glip_embeddings(model: nn.Module) -> list[GLIPVisionEmbeddings]:
     """Every [`GLIPVisionEmbeddings`] inside ``model`` (works through DDP / compile / pipeline wrappers)."""

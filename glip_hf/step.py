@@ -40,8 +40,11 @@ def _encode(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return out.image_embeds[:rows].to(dtype), out.text_embeds[:rows].to(dtype)
 
 
-def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerator: Accelerator) -> torch.Tensor:
+def train_step(model, loss_fn, unwrapped, micro_batches: list[dict], accelerator: Accelerator) -> torch.Tensor:
     """Forward and backward of one optimizer step over ``micro_batches``; returns the (detached) loss.
+
+    The temperature is read from ``unwrapped`` (the model without its wrappers) after each forward pass: under FSDP
+    it is a whole, differentiable parameter only then.
 
     With several micro-batches the loss is that of their union (open_clip's ``accum_freq`` feature caching): a
     no-grad pass caches every micro-batch's features, then each micro-batch is re-encoded with gradients and the
@@ -50,7 +53,7 @@ def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerat
     """
     if len(micro_batches) == 1:
         images, texts = _encode(model, micro_batches[0])
-        loss = loss_fn(images, texts, logit_scale)
+        loss = loss_fn(images, texts, unwrapped.logit_scale)
         accelerator.backward(loss)
         return loss.detach()
     states, cached = [], []
@@ -63,6 +66,7 @@ def train_step(model, loss_fn, logit_scale, micro_batches: list[dict], accelerat
         _set_rng_state(states[j], accelerator.device)
         with accelerator.no_sync(model) if j < last else contextlib.nullcontext():
             images, texts = _encode(model, batch)
+            logit_scale = unwrapped.logit_scale
             all_images = torch.cat([c[0] for c in cached[:j]] + [images] + [c[0] for c in cached[j + 1 :]])
             all_texts = torch.cat([c[1] for c in cached[:j]] + [texts] + [c[1] for c in cached[j + 1 :]])
             # Loss parameters (temperature, SigLIP bias) get their gradient once, on the synchronised pass.

@@ -57,6 +57,7 @@ from .modeling_glip import GLIPModel, masked_inference
 from .optimization import build_optimizer, build_scheduler
 from .preemption import StopSignals
 from .seeding import seed_mask_stream
+from .sharding import full_state_dict, gradient_norm, make_shardable, parameter_value, uses_fsdp
 from .step import train_step
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
 from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
@@ -260,6 +261,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if uses_fsdp(accelerator):
+        make_shardable(model)  # FSDP takes no 0-dim parameter (the temperature); saved models keep CLIP's shapes
     loss_fn = ContrastiveLoss(training_args.loss)
 
     collator = _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args)
@@ -412,8 +415,8 @@ def _gradient_norm(run: _Run) -> torch.Tensor:
     for param in params:
         if param.grad is not None:
             param.grad = accelerator.reduce(param.grad, "mean")
-    # max_norm=inf measures without clipping; clip_grad_norm_ knows how parameters are sharded (DDP, FSDP).
-    return accelerator.clip_grad_norm_(list(run.model.parameters()) + params, run.args.max_grad_norm or math.inf)
+    # max_norm=inf measures without clipping; the norm is that of the whole model, however it is sharded.
+    return gradient_norm(accelerator, run.model, params, run.args.max_grad_norm or math.inf)
 
 
 def _any_process(accelerator: Accelerator, *flags: torch.Tensor | bool) -> list[bool]:
@@ -498,7 +501,7 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                 progress.empty_steps += 1
             else:
                 with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
-                    loss = train_step(run.model, run.loss_fn, run.unwrapped.logit_scale, micro_batches, accelerator)
+                    loss = train_step(run.model, run.loss_fn, run.unwrapped, micro_batches, accelerator)
                 lr, nonfinite, stop = _update(run, loss, signals.requested())
                 if nonfinite:
                     progress.nonfinite_steps += 1
@@ -531,8 +534,10 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                     run.config,
                 )
                 # The last step is pushed by _finish, with the end-of-run evaluation.
-                if run.pusher is not None and args.hub_strategy == "every_save" and not (last or stop):
-                    run.pusher.push_snapshot(run)
+                if args.push_to_hub and args.hub_strategy == "every_save" and not (last or stop):
+                    state = full_state_dict(accelerator, run.model)  # every process: FSDP gathers the shards
+                    if run.pusher is not None:
+                        run.pusher.push_snapshot(run, state)
             if stop:
                 bar.close()
                 message = (
@@ -551,7 +556,7 @@ def _log(run: _Run, metrics: MetricsLog, bar, losses, images: int, seconds: floa
         "epoch": progress.epoch,
         "loss": _window_mean(accelerator, losses),
         "lr": lr,
-        "logit_scale": run.unwrapped.logit_scale.exp().item(),
+        "logit_scale": math.exp(parameter_value(accelerator, run.unwrapped.logit_scale)),
         "images_per_s": images / max(seconds, 1e-9),
         "kept_tokens": _kept_tokens(run.unwrapped.config.vision_config, unmasked),
         "skipped_samples": sum(progress.skipped.values()),
@@ -616,11 +621,12 @@ class HubPusher:
         self._thread = threading.Thread(target=upload, name="glip-hub-push")
         self._thread.start()
 
-    def push_snapshot(self, run: _Run) -> None:
-        """The model as it is at this checkpoint, with its own summary (``--hub_strategy every_save``)."""
+    def push_snapshot(self, run: _Run, state: dict[str, torch.Tensor]) -> None:
+        """The model as it is at this checkpoint (``state``: its full state dict), with its own summary
+        (``--hub_strategy every_save``)."""
         tmp = tempfile.TemporaryDirectory(prefix="glip-snapshot-")
         snapshot = Path(tmp.name)
-        run.unwrapped.save_pretrained(snapshot)  # now, in this thread: the weights of this step
+        run.unwrapped.save_pretrained(snapshot, state_dict=state)  # now, in this thread: the weights of this step
         run.tokenizer.save_pretrained(snapshot)
         run.image_processor.save_pretrained(snapshot)
         (snapshot / "run_config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
@@ -677,8 +683,9 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
     training_args, progress, main_steps, pusher = run.args, run.progress, run.main_steps, run.pusher
     output_dir = Path(training_args.output_dir)
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, run.model)  # every process: FSDP gathers the shards on the main one
     if accelerator.is_main_process:
-        model.save_pretrained(output_dir)
+        model.save_pretrained(output_dir, state_dict=state)
         tokenizer.save_pretrained(output_dir)
         image_processor.save_pretrained(output_dir)
         plot_loss_curve(
@@ -686,6 +693,9 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
         )
     eval_metrics = None
     if training_args.eval_at_end and held_out is not None:
+        if uses_fsdp(accelerator):  # a sharded model runs only inside FSDP's forward: evaluate the saved one
+            accelerator.wait_for_everyone()
+            model = GLIPModel.from_pretrained(output_dir).to(accelerator.device)
         eval_metrics = _evaluate_held_out(
             model, tokenizer, image_processor, held_out, data_args, training_args, accelerator
         )

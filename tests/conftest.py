@@ -62,8 +62,10 @@ def tiny_config(tokenizer=None, **overrides) -> GLIPConfig:
     return GLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
 
 
-def launch_two_processes(script, *args: str, port: int, cwd=None) -> None:
-    """Run ``script`` under ``accelerate launch --multi_gpu --num_processes 2``: two gloo ranks on the CPU."""
+def launch_two_processes(script, *args: str, port: int, cwd=None, config_file=None) -> None:
+    """Run ``script`` under ``accelerate launch --multi_gpu --num_processes 2``: two gloo ranks on the CPU; with
+    ``config_file``, under that accelerate config instead of ``--multi_gpu`` (still two processes, no mixed
+    precision)."""
     import subprocess
     import sys
 
@@ -71,7 +73,7 @@ def launch_two_processes(script, *args: str, port: int, cwd=None) -> None:
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
+        *(["--config_file", str(config_file)] if config_file else ["--multi_gpu"]),
         "--num_processes",
         "2",
         "--num_machines",
