@@ -25,6 +25,10 @@ Run (one H200, about 7 minutes)::
 
     python benchmarks/throughput.py --out throughput.json
 
+the markdown table of earlier runs (docs/benchmarks.md)::
+
+    python benchmarks/throughput.py --report benchmarks/results/h200_eager.json benchmarks/results/h200_compile.json
+
 and on a CPU, for a smoke test of every code path (numbers meaningless)::
 
     python benchmarks/throughput.py --device cpu --tiny
@@ -521,6 +525,10 @@ def environment(setup: Setup) -> dict:
     return info
 
 
+def _cell(value: float, pattern: str) -> str:
+    return "-" if math.isnan(value) else pattern.format(value)
+
+
 def format_table(rows: list[Row]) -> str:
     head = "| impl | lever | mode | batch | ratio | img/s | MFU | peak GiB | vs open_clip | mask share | warm-up s |"
     lines = [head, "|" + "---|" * 11]
@@ -528,10 +536,15 @@ def format_table(rows: list[Row]) -> str:
         if r.error:
             lines.append(f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | {r.error[:60]} |||||||")
             continue
-        lines.append(
-            f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | {r.img_s:.0f} | {100 * r.mfu:.1f}% "
-            f"| {r.peak_gib:.1f} | {r.vs_open_clip:.2f} | {100 * r.mask_share:.2f}% | {r.warmup_s:.1f} |"
+        cells = (
+            _cell(r.img_s, "{:.0f}"),
+            _cell(100 * r.mfu, "{:.1f}%"),
+            _cell(r.peak_gib, "{:.1f}"),
+            _cell(r.vs_open_clip, "{:.2f}"),
+            _cell(100 * r.mask_share, "{:.2f}%"),
+            _cell(r.warmup_s, "{:.1f}"),
         )
+        lines.append(f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -589,7 +602,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(paths: list[Path]) -> str:
+    """The markdown table of earlier runs' JSON files (each file's ratios to open_clip are its own run's)."""
+    rows, sources = [], []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        rows += [Row(**row) for row in payload["rows"]]
+        env = payload["environment"]
+        sources.append(
+            f"{Path(path).name}: {env['device']}, driver {env.get('driver', '-')}, torch {env['torch']}, "
+            f"transformers {env['transformers']}, accelerate {env['accelerate']}, open_clip {env['open_clip']}"
+        )
+    return format_table(rows) + "\n\n" + "\n".join(f"- {line}" for line in sources)
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--report"]:  # python benchmarks/throughput.py --report RUN.json [RUN.json ...]
+        print(report([Path(p) for p in argv[1:]]))
+        return []
     args = parse_args(argv)
     dims = TINY if args.tiny else VITB16
     setup = Setup(args.device, bf16=not args.fp32 and args.device.startswith("cuda"))

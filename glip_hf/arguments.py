@@ -55,6 +55,10 @@ class ModelArguments:
     mask_strategy: str | None = field(default=None, metadata={"help": "gaussian (GLIP) or random (FLIP)"})
     mask_sigma: float | None = field(default=None, metadata={"help": "GLIP sigma (covariance diagonal)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})
+    lean_activations: bool = field(
+        default=False,
+        metadata={"help": "quick_gelu keeping only its input for backward: less memory, a little slower (eager)"},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow init_from / tokenizer_name to run code from their folder or repo"}
     )

@@ -27,6 +27,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .activations import use_lean_activations
 from .arguments import DataArguments, ModelArguments, TrainingArguments, to_flat_dict
 from .checkpointing import (
     TrainingProgress,
@@ -259,6 +260,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     image_processor = make_image_processor(
         model.config.vision_config.image_size, model_args.init_from, model_args.trust_remote_code
     )
+    if model_args.lean_activations:
+        use_lean_activations(model)  # same function, same checkpoint; see docs/benchmarks.md for what it buys
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if uses_fsdp(accelerator):
@@ -268,7 +271,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     collator = _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args)
     dataloader = _make_dataloader(train_data, collator, data_args, training_args, accelerator)
 
-    optimizer = build_optimizer([model, loss_fn], training_args, fused=accelerator.device.type == "cuda")
+    fused = accelerator.device.type == "cuda" and not uses_fsdp(accelerator)  # fused AdamW: measured on one H200
+    optimizer = build_optimizer([model, loss_fn], training_args, fused=fused)
     if training_args.torch_compile:
         model = torch.compile(model)
     # The loss module stays out of DDP (CLIP's has no parameters); SigLIP's bias gradient is averaged by hand.
