@@ -43,8 +43,9 @@ def make_shardable(model: torch.nn.Module) -> list[str]:
 def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The prepared ``model``'s full state dict on the main process (all processes call this: FSDP gathers the shards;
     the other processes get what Accelerate gives them, possibly nothing), with the shapes `make_shardable`
-    changed restored."""
-    state = accelerator.get_state_dict(model)
+    changed restored and the names of the model itself (``torch.compile``'s ``_orig_mod.`` prefix removed: Accelerate
+    unwraps DDP but keeps the compiled wrapper, whose names no ``from_pretrained`` reads)."""
+    state = {name.removeprefix("_orig_mod."): value for name, value in accelerator.get_state_dict(model).items()}
     for name in getattr(accelerator.unwrap_model(model), "_glip_scalar_parameters", []):
         if name in state:
             state[name] = state[name].reshape(())

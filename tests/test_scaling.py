@@ -132,3 +132,25 @@ def test_an_fsdp_config_on_cpus_is_refused_not_run_as_plain_data_parallel(monkey
             check_launch(Accelerator(cpu=True))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_full_state_dict_of_a_compiled_model_has_the_model_names(tmp_path):
+    """``--torch_compile``: Accelerate unwraps DDP but keeps the compiled wrapper, whose state dict names start with
+    ``_orig_mod.``; the saved model must keep the model's own names, or ``from_pretrained`` starts from random
+    weights."""
+    from conftest import tiny_config
+
+    from glip_hf.sharding import full_state_dict
+
+    model = GLIPModel(tiny_config())
+    accelerator = Accelerator(cpu=True)
+    try:
+        prepared = accelerator.prepare(torch.compile(model))  # compilation is lazy: nothing runs here
+        state = full_state_dict(accelerator, prepared)
+        assert state.keys() == model.state_dict().keys()
+        accelerator.unwrap_model(prepared).save_pretrained(tmp_path, state_dict=state)
+        loaded = GLIPModel.from_pretrained(tmp_path)
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
