@@ -1,7 +1,7 @@
 """Training-step throughput of GLIPModel against open_clip's FLIP (``patch_dropout``), side by side in one process.
 
 Each timed step is a full training step as users run it: forward of both towers, contrastive loss over the batch,
-backward, AdamW step, gradients cleared. GLIP runs the project's own training step (`glip_hf.training.train_step`
+backward, AdamW step, gradients cleared. GLIP runs the project's own training step (`glip_hf.step.train_step`
 under an `accelerate.Accelerator`, the optimizer of `glip_hf.optimization`); open_clip runs its model, its
 `ClipLoss` and AdamW under `torch.autocast`, as its trainer does. Both: ViT-B/16 at 224 px, a 12-layer 512-wide text
 tower over 77 tokens, bf16 autocast on CUDA, SDPA attention, fused AdamW on CUDA, random data.
@@ -21,7 +21,8 @@ the run's gradient-norm check and clipping, no text attention mask, `glip_hf.act
 ``--max_batch`` searches the largest batch
 that fits per variant (doubling from the largest of ``--batches``).
 
-Run (one H200, about 7 minutes)::
+Run (one H200; well over 15 minutes: each of the 16 compiled rows spends 36-92 s compiling, see
+benchmarks/results/h200_compile.json)::
 
     python benchmarks/throughput.py --out throughput.json
 
@@ -451,15 +452,16 @@ def run_grid(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[
 def run_levers(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
     """GLIP at ``--lever_batch`` / ``--lever_ratio``, eager, one setting changed per row (a baseline row first)."""
     for lever in args.levers:
-        row = Row("glip", args.lever_ratio, args.lever_batch, "eager", lever=lever)
+        row, variant = Row("glip", args.lever_ratio, args.lever_batch, "eager", lever=lever), None
         try:
             variant = GlipVariant(dims, setup, compile_model=False, lever="" if lever == "baseline" else lever)
             variant.set_ratio(args.lever_ratio)
             time_steps(variant, row, dims, setup, args.warmup, args.steps, args.peak_tflops)
-            variant.close()
-            del variant
         except Exception as error:
             row.error = ("OOM" if _is_oom(error) else repr(error))[:400]
+        if variant is not None:  # also after a failure: the shared Accelerator holds the model until closed
+            variant.close()
+        del variant
         _release(setup)
         emit(row)
 
@@ -470,21 +472,23 @@ def run_max_batch(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Call
         for ratio in args.ratios:
             batch, best = max(args.batches) * 2, None
             while batch <= args.max_batch_limit:
-                row = Row(impl, ratio, batch, "eager", lever="max_batch")
+                row, variant, failed = Row(impl, ratio, batch, "eager", lever="max_batch"), None, False
                 try:
                     variant = BUILDERS[impl](dims, setup, compile_model=False)
                     variant.set_ratio(ratio)
                     time_steps(variant, row, dims, setup, 1, max(3, args.steps // 3), args.peak_tflops)
-                    variant.close()
-                    del variant
                     best = row
                 except Exception as error:
+                    failed = True
                     if not _is_oom(error):
                         row.error = repr(error)[:400]
                         emit(row)
-                    _release(setup)
-                    break
+                if variant is not None:  # also after an OOM: GLIP's shared Accelerator would keep the model resident
+                    variant.close()
+                del variant
                 _release(setup)
+                if failed:
+                    break
                 batch *= 2
             if best is not None:
                 emit(best)
