@@ -162,9 +162,17 @@ def apply_start(plan: StartPlan, output_dir: str | Path) -> None:
         print(f"Resuming from {plan.checkpoint}: its newer checkpoints were moved to {aside}.")
 
 
-def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int) -> None:
-    """One-line error if ``config`` changes what the checkpoint cannot take (parameter shapes, loss); warnings for
-    settings the checkpoint's own values override, and for a different number of processes."""
+def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, fsdp: bool = False) -> None:
+    """One-line error if ``config`` changes what the checkpoint cannot take (parameter shapes, loss) or if it was
+    written under FSDP and is resumed without it (``fsdp``), or the other way round; warnings for settings the
+    checkpoint's own values override, and for a different number of processes."""
+    written_by_fsdp = any(checkpoint.glob("pytorch_model_fsdp*"))  # Accelerate's names for FSDP model states
+    if written_by_fsdp != fsdp:
+        raise ValueError(
+            f"resume_from_checkpoint={checkpoint} was written {'with' if written_by_fsdp else 'without'} FSDP and "
+            f"this run is launched {'with' if fsdp else 'without'} it; resume with the accelerate config it was "
+            "written with."
+        )
     saved = checkpoint / "run_config.yaml"
     if saved.is_file():
         before = yaml.safe_load(saved.read_text()) or {}

@@ -236,7 +236,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
     checkpoint = plan.checkpoint
     if checkpoint is not None:
-        check_resume(checkpoint, run_config, accelerator.num_processes)
+        check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
     if model_args.init_from:
         check_init_from(model_args.init_from)
     if training_args.push_to_hub:

@@ -154,3 +154,20 @@ def test_full_state_dict_of_a_compiled_model_has_the_model_names(tmp_path):
             assert torch.equal(loaded.state_dict()[name], tensor), name
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_a_checkpoint_resumes_only_under_the_sharding_it_was_written_with(tmp_path):
+    """An FSDP checkpoint holds model shards (``pytorch_model_fsdp_0/``), a DDP one ``model.safetensors``: crossing
+    over is a one-line error naming the checkpoint, not a failure deep inside ``load_state``."""
+    from glip_hf.checkpointing import check_resume
+
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    (sharded / "pytorch_model_fsdp_0").mkdir(parents=True)
+    whole.mkdir()
+    (whole / "model.safetensors").touch()
+    check_resume(sharded, {}, 2, fsdp=True)
+    check_resume(whole, {}, 2, fsdp=False)
+    with pytest.raises(ValueError, match=r"sharded was written with FSDP and this run is launched without it"):
+        check_resume(sharded, {}, 2, fsdp=False)
+    with pytest.raises(ValueError, match=r"whole was written without FSDP and this run is launched with it"):
+        check_resume(whole, {}, 2, fsdp=True)
