@@ -95,6 +95,7 @@ def main(out: str, kind: str, modes: list[str]) -> None:
         results[mode] = one_step(accelerator, kind)
     if accelerator.is_main_process:
         torch.save({**results, "world": accelerator.num_processes, "type": str(accelerator.distributed_type)}, out)
+    accelerator.end_training()  # destroys the process group: a gloo group left to exit can abort a rank (SIGABRT)
 
 
 if __name__ == "__main__":
