@@ -38,7 +38,8 @@ FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that rea
 # The files of a run's own that a replacing run removes first (the model directory is rewritten at its end).
 RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "config.json", "loss_curve.png")
 # Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
-RESUME_FIXED = (*ARCHITECTURE_FIELDS, "loss")
+# torch_compile: a compiled model's checkpoint names its weights "_orig_mod.*", which the other mode cannot load.
+RESUME_FIXED = (*ARCHITECTURE_FIELDS, "loss", "torch_compile")
 # Settings whose checkpointed value wins on resume (the optimizer state and the schedule's base rates are restored).
 RESUME_RESTORED = (
     "learning_rate",

@@ -261,7 +261,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model.config.vision_config.image_size, model_args.init_from, model_args.trust_remote_code
     )
     if model_args.lean_activations:
-        use_lean_activations(model)  # same function, same checkpoint; see docs/benchmarks.md for what it buys
+        replaced = use_lean_activations(model)  # same function, same checkpoint; docs/benchmarks.md: what it buys
+        if replaced:
+            accelerator.print(f"--lean_activations: {replaced} quick_gelu activations keep only their input.")
+        else:
+            warnings.warn(
+                f"--lean_activations has no effect: the model's activation is "
+                f"{model.config.vision_config.hidden_act!r}, not quick_gelu.",
+                stacklevel=2,
+            )
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if uses_fsdp(accelerator):

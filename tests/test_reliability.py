@@ -489,6 +489,9 @@ def test_a_checkpoint_resumes_only_with_the_model_it_was_written_for(tmp_path):
     with pytest.raises(ValueError, match=r"loss='clip' \(now 'siglip'\)"):
         in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--loss", "siglip")
     AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"torch_compile=False \(now True\)"):  # its weights are named otherwise
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--torch_compile", "true")
+    AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.warns(UserWarning, match=r"keeps its optimizer state and base learning rates: learning_rate=1e\+30"):
         in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-9")
 

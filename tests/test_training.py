@@ -571,13 +571,14 @@ def test_a_step_skipped_by_the_fp16_gradient_scaler_does_not_advance_the_schedul
     assert not optimizer.step_was_skipped and scheduler.get_last_lr()[0] != before
 
 
-def test_lean_activations_train_like_the_plain_ones(tmp_path):
+def test_lean_activations_train_like_the_plain_ones(tmp_path, capsys):
     """--lean_activations changes what backward keeps, not the function: 3 steps end at the same weights up to
     float32 rounding, and the saved model is a plain GLIP checkpoint."""
     flags = ("--max_steps", "3", "--eval_at_end", "false")
     plain = run(tmp_path / "plain", *flags)
     AcceleratorState._reset_state(reset_partial_state=True)
     lean = run(tmp_path / "lean", *flags, "--lean_activations", "true")
+    assert "--lean_activations: 4 quick_gelu activations keep only their input." in capsys.readouterr().out
     a = load_file(str(Path(plain.output_dir) / "model.safetensors"))
     b = load_file(str(Path(lean.output_dir) / "model.safetensors"))
     assert a.keys() == b.keys()
