@@ -141,7 +141,8 @@ def test_the_benchmark_smoke_run_writes_its_table(tmp_path):
     report = json.loads(out.read_text())
     names = {row["pipeline"] for row in report["results"]}
     assert {"glip", "glip jpeg_draft", "glip uint8", "glip jpeg_draft+uint8"} <= names
-    assert all(math.isfinite(row["images_per_s"]) and row["images"] > 0 for row in report["results"])
+    assert all(math.isfinite(row["images_per_s"]) for row in report["results"])
+    assert all(run["images"] > 0 for run in report["runs"])
     if report["machine"]["torchvision"] is None:
         assert "open_clip side skipped" in printed
     else:
