@@ -85,6 +85,12 @@ class DataArguments:
     max_train_samples: int | None = None
     cache_dir: str = field(default=".cache/glip-hf", metadata={"help": "where generated data and HF caches go"})
     num_workers: int = 0
+    uint8_batches: bool = field(
+        default=False, metadata={"help": "collate uint8 pixels and normalise them on the device (less to copy)"}
+    )
+    jpeg_draft: bool = field(
+        default=False, metadata={"help": "decode JPEGs at reduced size when the crop allows (faster; other pixels)"}
+    )
     crop_scale_min: float = field(default=0.5, metadata={"help": "RandomResizedCrop scale lower bound (paper: 0.5)"})
     crop_scale_max: float = 1.0
     synthetic_num_train: int = 6000

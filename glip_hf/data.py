@@ -7,12 +7,16 @@ extreme aspect ratios) are converted to what they show (`to_rgb`). Local webdata
 ``datasets`` reads them, so that a shard cut short loses only its tail (`check_webdataset_shards`).
 Augmentation randomness is derived from ``(seed, epoch, sample index)``, so a batch is the same whichever worker
 builds it and whenever (a resumed run sees the very same pixels).
+
+Training asks this module once (`training_batches`) and gets micro-batches on its device, epoch after epoch, from
+where a checkpoint left off. Sections: loading datasets; webdataset shards; images and the collator; training batches.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 import os
 import random
@@ -20,16 +24,21 @@ import socket
 import tarfile
 import warnings
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from .arguments import DataArguments
+from .synthetic import build_synthetic_dataset
+
+if TYPE_CHECKING:  # imported where used: decoding and collating a batch need neither datasets nor accelerate
+    import datasets
+
+    from .arguments import DataArguments, ModelArguments, TrainingArguments
 
 SKIP_REASONS = ("missing_image", "undecodable_image", "empty_image", "missing_caption")
 
@@ -44,6 +53,8 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
 
     ``webdataset`` with local ``.tar`` ``data_files`` goes through `check_webdataset_shards` first: damaged shards
     are read up to the damage (with a warning naming each), and samples lacking a member load with None there."""
+    import datasets
+
     name = args.dataset_name
     if name is not None and Path(name).is_dir() and _looks_like_saved_dataset(Path(name)):
         loaded = datasets.load_from_disk(name)
@@ -196,6 +207,7 @@ def webdataset_features(first_shard: Path) -> datasets.Features | None:
     None there, which the collator counts as a missing image or caption. None too when a member's type cannot be
     told from its extension (``json``, ...): datasets then raises its own error.
     """
+    import datasets
     from datasets.packaged_modules.webdataset.webdataset import WebDataset
 
     fields = _first_sample_fields(first_shard, WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE)
@@ -217,6 +229,8 @@ def webdataset_features(first_shard: Path) -> datasets.Features | None:
 
 def _split_patterns(data_dir: str, split: str) -> list[str]:
     """The file patterns datasets infers for ``split`` in ``data_dir`` (all files when no split is named)."""
+    import datasets
+
     base = Path(data_dir).expanduser().resolve().as_posix()
     try:
         patterns = datasets.data_files.get_data_patterns(base)
@@ -238,6 +252,8 @@ def check_webdataset_shards(
     with a warning. Returns None, changing nothing, for patterns that match no file or anything but local ``.tar``
     files (remote and compressed shards go to datasets untouched).
     """
+    import datasets
+
     base = Path(data_dir or "").expanduser().resolve().as_posix()
     files: list[str] = []
     for pattern in [data_files] if isinstance(data_files, str) else data_files:
@@ -290,6 +306,8 @@ def check_columns(dataset, required: dict[str, str], source: str) -> None:
 
 def prepare_for_decoding(dataset, image_columns: list[str]):
     """Turn ``Image`` columns to raw bytes so decoding happens (and may fail) in the collator."""
+    import datasets
+
     features = dataset.features or {}
     for name in image_columns:
         if isinstance(features.get(name), datasets.Image):
@@ -297,11 +315,13 @@ def prepare_for_decoding(dataset, image_columns: list[str]):
     return dataset
 
 
-def decode_image(value: Any) -> Image.Image:
+def decode_image(value: Any, before_load: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """An RGB PIL image from a PIL image, ``{"bytes", "path"}`` dict, raw bytes or a file path (see `to_rgb`).
 
-    Raises whatever PIL raises for data that is not a complete image: a truncated JPEG stays an error (PIL's global
-    ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off), so it is skipped rather than trained on half grey."""
+    ``before_load(image)`` sees the opened image before its pixels are decoded (its size and format are known then:
+    `draft_for_crop` uses it to decode a JPEG at reduced size). Raises whatever PIL raises for data that is not a
+    complete image: a truncated JPEG stays an error (PIL's global ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off),
+    so it is skipped rather than trained on half grey."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict):
@@ -312,6 +332,8 @@ def decode_image(value: Any) -> Image.Image:
         image = Image.open(io.BytesIO(value))
     else:
         image = Image.open(value)
+    if before_load is not None:
+        before_load(image)
     image.load()
     return to_rgb(image)
 
@@ -323,9 +345,10 @@ def image_data(value: Any) -> Any:
     return None if value is None or (isinstance(value, str) and not value) else value
 
 
-def load_image(value: Any) -> Image.Image | str:
+def load_image(value: Any, before_load: Callable[[Image.Image], None] | None = None) -> Image.Image | str:
     """The RGB image of a raw image cell, or the reason (an entry of ``SKIP_REASONS``) it has none: no value or no
-    such file (``missing_image``), zero bytes (``empty_image``), or data PIL cannot decode (``undecodable_image``)."""
+    such file (``missing_image``), zero bytes (``empty_image``), or data PIL cannot decode (``undecodable_image``).
+    ``before_load``: see `decode_image`."""
     data = image_data(value)
     if isinstance(data, (str, Path)):
         if not Path(data).is_file():
@@ -337,7 +360,7 @@ def load_image(value: Any) -> Image.Image | str:
     elif isinstance(data, (bytes, bytearray)) and not data:
         return "empty_image"
     try:
-        image = decode_image(value)
+        image = decode_image(value, before_load)
     except Exception:  # PIL raises many types for corrupt data; any of them means "skip this sample"
         return "undecodable_image"
     return image if image.width and image.height else "empty_image"
@@ -389,11 +412,14 @@ def scale_to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(unit * 255).clip(0, 255).astype(np.uint8))
 
 
-def random_resized_crop(
-    image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random, ratio=(3 / 4, 4 / 3)
-) -> Image.Image:
-    """torchvision's RandomResizedCrop on a PIL image (area fraction in ``scale``, log-uniform aspect ``ratio``)."""
-    width, height = image.size
+Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels
+
+
+def random_crop_box(
+    width: int, height: int, scale: tuple[float, float], rng: random.Random, ratio=(3 / 4, 4 / 3)
+) -> Box:
+    """torchvision's RandomResizedCrop box for a ``width x height`` image (area fraction in ``scale``, log-uniform
+    aspect ``ratio``; after 10 misses the central square)."""
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(*scale)
@@ -401,18 +427,63 @@ def random_resized_crop(
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    side = min(width, height)  # fallback: central square crop
+            return left, top, left + w, top + h
+    side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+    return left, top, left + side, top + side
+
+
+def random_resized_crop(
+    image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random, ratio=(3 / 4, 4 / 3)
+) -> Image.Image:
+    """torchvision's RandomResizedCrop on a PIL image (see `random_crop_box`), bicubic, to ``size x size``."""
+    return image.resize((size, size), Image.BICUBIC, box=random_crop_box(*image.size, scale, rng, ratio))
+
+
+JPEG_REDUCTIONS = (8, 4, 2)  # the scales a JPEG decoder can decode at directly (libjpeg's DCT scaling)
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def shown_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of an opened image as `to_rgb` will return it (after its EXIF orientation), from the
+    header alone."""
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # as in to_rgb: a malformed EXIF block is ignored
+        orientation = 1
+    return image.size[::-1] if orientation in TRANSPOSING_ORIENTATIONS else image.size
+
+
+def draft_for_crop(image: Image.Image, box: Box, size: int) -> None:
+    """Ask a JPEG's decoder (``Image.draft``) for the largest reduction (1/2, 1/4, 1/8) that still leaves the crop
+    ``box`` (in `shown_size` pixels) at least ``size`` pixels on each side, so the decode does less work and the
+    resize never upsamples what a full decode would not. Other formats are left alone."""
+    if image.format != "JPEG":
+        return
+    shortest = min(box[2] - box[0], box[3] - box[1])
+    reduction = next((r for r in JPEG_REDUCTIONS if shortest >= r * size), 1)
+    if reduction > 1:
+        width, height = image.size
+        image.draft(image.mode, (math.ceil(width / reduction), math.ceil(height / reduction)))
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """``(3, H, W)`` uint8 tensor of an RGB image."""
+    width, height = image.size
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
+    return pixels.permute(2, 0, 1)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``(..., 3, H, W)`` to float32 ``(x / 255 - mean) / std`` (``mean`` / ``std`` ``(3, 1, 1)``), on
+    the pixels' device: the collator's float path (`to_normalized_tensor`) and ``uint8_batches`` (on the device)."""
+    return (pixels.float().div_(255.0) - mean) / std
 
 
 def to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(3, H, W)`` float tensor normalised by ``mean`` / ``std`` (each ``(3, 1, 1)``)."""
-    width, height = image.size
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(height, width, 3)
-    pixels = pixels.permute(2, 0, 1).float().div_(255.0)
-    return (pixels - mean) / std
+    # Contiguous first: the float arithmetic and the batch's stack then run over plain memory (about 40% faster).
+    return normalize_pixels(to_uint8_tensor(image).contiguous(), mean, std)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -432,6 +503,11 @@ class ImageTextCollator:
     """Rows -> ``{"pixel_values" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": Counter}``.
 
     Bad rows are dropped from the batch and counted by reason (see ``SKIP_REASONS``); the batch may be smaller.
+    ``uint8``: pixel values stay uint8 (a quarter of the bytes to move between processes and to the device), to be
+    normalised where they are used (`normalize_pixels`, as `TrainingBatches` does on the device). ``jpeg_draft``:
+    the crop is drawn from the JPEG header's size first, and the JPEG decoded at the largest reduction that keeps
+    the crop at least ``image_size`` pixels wide (`draft_for_crop`): the same crop, less decoding, slightly other
+    pixels (the decoder's downscaling replaces part of the bicubic one).
     """
 
     def __init__(
@@ -445,12 +521,15 @@ class ImageTextCollator:
         max_length: int = 77,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         seed: int | str = 0,
+        uint8: bool = False,
+        jpeg_draft: bool = False,
     ):
         self.tokenizer, self.image_size, self.max_length = tokenizer, image_size, max_length
         self.image_mean = torch.tensor(image_mean).view(3, 1, 1)
         self.image_std = torch.tensor(image_std).view(3, 1, 1)
         self.image_columns, self.caption_column = image_column.split(","), caption_column
         self.crop_scale, self.seed = crop_scale, seed
+        self.uint8, self.jpeg_draft = uint8, jpeg_draft
         self.epoch = 0  # set by the training loop before each epoch
 
     def _caption(self, row: dict, rng: random.Random) -> str | None:
@@ -471,10 +550,25 @@ class ImageTextCollator:
             return "missing_image"
         if caption is None:
             return "missing_caption"
-        image = load_image(raw)
+        drafted: list[tuple[tuple[int, int], Box]] = []  # (shown size, crop box) when the crop is drawn first
+
+        def draft(opened: Image.Image) -> None:
+            size = shown_size(opened)
+            drafted.append((size, random_crop_box(*size, self.crop_scale, rng)))
+            draft_for_crop(opened, drafted[0][1], self.image_size)
+
+        image = load_image(raw, draft if self.jpeg_draft else None)
         if isinstance(image, str):
             return image
-        image = random_resized_crop(image, self.image_size, self.crop_scale, rng)
+        if drafted:
+            (width, height), box = drafted[0]
+            x, y = image.width / width, image.height / height  # 1, or the decoder's reduction
+            box = (box[0] * x, box[1] * y, box[2] * x, box[3] * y)
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+        else:
+            image = random_resized_crop(image, self.image_size, self.crop_scale, rng)
+        if self.uint8:
+            return to_uint8_tensor(image), caption
         return to_normalized_tensor(image, self.image_mean, self.image_std), caption
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
@@ -488,7 +582,9 @@ class ImageTextCollator:
             captions.append(result[1])
         if not pixels:  # every row skipped: an empty batch, which the loss and the loop accept
             return {
-                "pixel_values": torch.zeros(0, 3, self.image_size, self.image_size),
+                "pixel_values": torch.zeros(
+                    0, 3, self.image_size, self.image_size, dtype=torch.uint8 if self.uint8 else torch.float32
+                ),
                 "input_ids": torch.zeros(0, self.max_length, dtype=torch.long),
                 "attention_mask": torch.zeros(0, self.max_length, dtype=torch.long),
                 "skipped": skipped,
@@ -506,6 +602,8 @@ class ImageTextCollator:
 
 def caption_sample(dataset, caption_column: str, limit: int = 50_000) -> list[str]:
     """Up to ``limit`` caption strings (list-valued captions flattened), for training a tokenizer."""
+    import datasets
+
     source = dataset.select_columns([caption_column])
     if isinstance(source, datasets.Dataset):
         source = source.select(range(min(limit, len(source))))
@@ -540,3 +638,169 @@ def make_image_processor(image_size: int, name_or_path: str | None = None, trust
     return getattr(transformers, name)(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
+
+
+# ------------------------------------------------------------------------------------------- training batches
+
+
+def load_training_data(data_args: DataArguments, model_args: ModelArguments):
+    """``(train, held_out or None)`` datasets; the built-in generated dataset when no dataset is named."""
+    from .arguments import DataArguments
+
+    if data_args.dataset_name is None:
+        synthetic = build_synthetic_dataset(
+            Path(data_args.cache_dir) / "synthetic",
+            num_train=data_args.synthetic_num_train,
+            num_test=data_args.synthetic_num_test,
+            image_size=model_args.image_size,
+            seed=data_args.synthetic_seed,
+            placement=data_args.synthetic_placement,
+        )
+        train = synthetic["train"].to_iterable_dataset() if data_args.streaming else synthetic["train"]
+        return train, synthetic["test"]
+    train = load_image_text_dataset(data_args, data_args.train_split)
+    held_out = None
+    if data_args.eval_split:
+        held_out = load_image_text_dataset(
+            DataArguments(**{**vars(data_args), "streaming": False}), data_args.eval_split
+        )
+    return train, held_out
+
+
+def make_train_collator(
+    tokenizer, model_config, image_processor, model_args: ModelArguments, data_args: DataArguments, seed: int
+) -> ImageTextCollator:
+    """Rows -> batches at the model's image size, normalised as the saved image processor does."""
+    return ImageTextCollator(
+        tokenizer,
+        model_config.vision_config.image_size,
+        list(image_processor.image_mean),
+        list(image_processor.image_std),
+        data_args.image_column,
+        data_args.caption_column,
+        max_length=min(model_args.max_text_length, model_config.text_config.max_position_embeddings),
+        crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
+        seed=seed,
+        uint8=data_args.uint8_batches,
+        jpeg_draft=data_args.jpeg_draft,
+    )
+
+
+def with_stream_index(row: dict, index: int) -> dict:
+    """The row's position in this process's stream, unique across DataLoader workers (each worker counts its own
+    rows from 0), so that it seeds an augmentation no other row shares."""
+    worker = torch.utils.data.get_worker_info()
+    return {"__index__": index if worker is None else index * worker.num_workers + worker.id}
+
+
+def make_train_dataloader(
+    train_data, collator: ImageTextCollator, data_args: DataArguments, training_args: TrainingArguments, accelerator
+) -> torch.utils.data.DataLoader:
+    """Map-style: shuffled, seeded, with row indices (sharded by ``accelerator.prepare``). Streaming: shuffled
+    through a buffer and split across processes with ``split_dataset_by_node``. Pinned memory on a CUDA device."""
+    train_data = prepare_for_decoding(train_data, data_args.image_column.split(","))
+    limit = data_args.max_train_samples
+    if limit is not None:
+        train_data = (
+            train_data.take(limit) if data_args.streaming else train_data.select(range(min(limit, len(train_data))))
+        )
+    # A generator of the loader's own: creating an iterator then never draws from the global RNG (which also
+    # draws the patch masks), so a resumed run, whose iterator starts mid-epoch, keeps the same mask sequence.
+    loader_kwargs = dict(
+        batch_size=training_args.per_device_train_batch_size,
+        collate_fn=collator,
+        num_workers=data_args.num_workers,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(training_args.seed),
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    if not data_args.streaming:
+        if len(train_data) < training_args.per_device_train_batch_size * accelerator.num_processes:
+            raise ValueError(
+                f"per_device_train_batch_size={training_args.per_device_train_batch_size} x "
+                f"{accelerator.num_processes} process(es) exceeds the {len(train_data)} training rows; "
+                "lower the batch size."
+            )
+        return torch.utils.data.DataLoader(IndexedDataset(train_data), shuffle=True, **loader_kwargs)
+    from datasets.distributed import split_dataset_by_node
+
+    stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+    stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
+    # Streamed rows are indexed per process, so the rank joins the seed of their augmentation.
+    stream = stream.map(with_stream_index, with_indices=True)
+    collator.seed = f"{training_args.seed}-rank{accelerator.process_index}"
+    return torch.utils.data.DataLoader(stream, **loader_kwargs)
+
+
+def epoch_batches(dataloader, collator: ImageTextCollator, progress, accelerator, streaming: bool) -> Iterator[dict]:
+    """Micro-batches forever, epoch after epoch, starting at ``progress`` (a ``TrainingProgress``: mid-epoch on
+    resume), which is kept up to date with the position of the last batch yielded."""
+    epoch, start = progress.epoch, progress.batch_in_epoch
+    while True:
+        collator.epoch = epoch
+        if streaming:
+            dataloader.dataset.set_epoch(epoch)
+            loader = itertools.islice(dataloader, start, None)
+        else:
+            dataloader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(dataloader, start) if start else dataloader
+        produced = False
+        for index, batch in enumerate(loader, start=start):
+            progress.epoch, progress.batch_in_epoch = epoch, index + 1
+            produced = True
+            yield batch
+        if not produced and start == 0:
+            raise ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
+        epoch, start = epoch + 1, 0
+        progress.epoch, progress.batch_in_epoch = epoch, 0
+
+
+@dataclass
+class TrainingBatches:
+    """The training loop's data: rows turned into micro-batches on the device (see `training_batches`).
+
+    ``dataloader`` is prepared by Accelerate (map-style: sharded over processes, its sampler checkpointed with the
+    run) or, streaming, split by `make_train_dataloader`; either way without device placement, which `batches`
+    does itself: non-blocking copies from pinned memory on CUDA, and uint8 pixels normalised on the device.
+    """
+
+    dataloader: torch.utils.data.DataLoader
+    collator: ImageTextCollator
+    accelerator: Any
+    streaming: bool
+
+    @property
+    def per_epoch(self) -> int | None:
+        """Micro-batches per epoch on each process; None for a stream, which has no length."""
+        return None if self.streaming else len(self.dataloader)
+
+    def batches(self, progress) -> Iterator[dict]:
+        """Micro-batches forever from ``progress`` on (`epoch_batches`): tensors on the device, pixel values
+        float32 and normalised, ``"skipped"`` the batch's skip counts."""
+        device = self.accelerator.device
+        non_blocking = device.type == "cuda"
+        mean, std = self.collator.image_mean.to(device), self.collator.image_std.to(device)
+        for batch in epoch_batches(self.dataloader, self.collator, progress, self.accelerator, self.streaming):
+            moved = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k != "skipped"}
+            if moved["pixel_values"].dtype == torch.uint8:
+                moved["pixel_values"] = normalize_pixels(moved["pixel_values"], mean, std)
+            yield {**moved, "skipped": batch["skipped"]}
+
+
+def training_batches(
+    train_data,
+    tokenizer,
+    model_config,
+    image_processor,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    accelerator,
+) -> TrainingBatches:
+    """Rows -> batches for training, end to end: the collator (the model's image size and text length, the image
+    processor's mean and std), the DataLoader, and its preparation by ``accelerator`` (map-style data)."""
+    collator = make_train_collator(tokenizer, model_config, image_processor, model_args, data_args, training_args.seed)
+    dataloader = make_train_dataloader(train_data, collator, data_args, training_args, accelerator)
+    if not data_args.streaming:
+        dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
+    return TrainingBatches(dataloader, collator, accelerator, data_args.streaming)

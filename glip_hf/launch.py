@@ -1,10 +1,15 @@
-"""Checks on how a script was launched, shared by pre-training and evaluation."""
+"""Checks on how a script was launched, shared by pre-training and evaluation, and the CPU threads a launch gives."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+
+# Variables a launcher sets for the processes it starts: `accelerate launch` (every mode) and torchrun.
+LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
 
 
 def check_launch(accelerator: Accelerator) -> None:
@@ -27,3 +32,47 @@ def check_launch(accelerator: Accelerator) -> None:
             "models only on GPUs (or other accelerators); on CPUs launch plain data parallel "
             "(accelerate launch --multi_gpu --num_processes N ... --cpu true)."
         )
+
+
+def launcher_chose_threads() -> bool:
+    """Whether ``OMP_NUM_THREADS`` in this process was set by the launcher that started it, not by the user.
+
+    ``accelerate launch`` without an accelerate config and without its ``--cpu`` flag exports ``OMP_NUM_THREADS=1``
+    to the script (its ``--num_cpu_threads_per_process`` defaults to the launcher's own ``OMP_NUM_THREADS``, else 1;
+    the per-core default applies only under ``--cpu``), and torchrun exports 1 to each of several processes. True
+    when the parent process is such a launcher (it set a marker variable this process has and it lacks) and had
+    neither ``OMP_NUM_THREADS`` in its environment nor ``--num_cpu_threads_per_process`` on its command line. False
+    wherever that cannot be read (not Linux): the setting is then left as it is.
+    """
+    if "OMP_NUM_THREADS" not in os.environ or not any(name in os.environ for name in LAUNCHER_MARKERS):
+        return False
+    parent = Path("/proc") / str(os.getppid())
+    try:
+        environment = (parent / "environ").read_bytes().split(b"\0")
+        command = (parent / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    names = {entry.split(b"=", 1)[0].decode(errors="replace") for entry in environment}
+    launched_by_parent = any(name in os.environ and name not in names for name in LAUNCHER_MARKERS)
+    chosen_by_user = "OMP_NUM_THREADS" in names or any(
+        arg.startswith(b"--num_cpu_threads_per_process") for arg in command
+    )
+    return launched_by_parent and not chosen_by_user
+
+
+def cpu_threads_per_process() -> int:
+    """This machine's physical cores available to this process, shared by the processes on the node (at least 1)."""
+    import psutil
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = min(psutil.cpu_count(logical=False) or available, available)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def use_available_cores() -> int:
+    """Give torch every core this process may use when the launcher, not the user, limited its threads (see
+    `launcher_chose_threads`); an ``OMP_NUM_THREADS`` the user set, or torch's own default, is kept. Returns the
+    thread count in effect."""
+    if launcher_chose_threads():
+        torch.set_num_threads(cpu_threads_per_process())
+    return torch.get_num_threads()

@@ -7,7 +7,6 @@ schedule, ``prepare``, resume, the loop (masked stage, then optional unmasked tu
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import tempfile
@@ -43,15 +42,14 @@ from .cli import RunStopped
 from .configuration_glip import MASKING_FIELDS, GLIPConfig
 from .data import (
     SKIP_REASONS,
-    ImageTextCollator,
-    IndexedDataset,
     caption_sample,
     check_columns,
-    load_image_text_dataset,
+    load_training_data,
     make_image_processor,
     prepare_for_decoding,
+    training_batches,
 )
-from .launch import check_launch
+from .launch import check_launch, use_available_cores
 from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
@@ -60,7 +58,7 @@ from .preemption import StopSignals
 from .seeding import seed_mask_stream
 from .sharding import full_state_dict, gradient_norm, make_shardable, parameter_value, uses_fsdp
 from .step import train_step
-from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
+from .synthetic import PROMPT_TEMPLATES
 from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
 from .tracking import MetricsLog, plot_loss_curve, resolve_report_to
 
@@ -73,28 +71,6 @@ class TrainResult:
     steps: int
     skipped: dict[str, int]
     eval_metrics: dict[str, Any] | None
-
-
-def load_training_data(data_args: DataArguments, model_args: ModelArguments):
-    """``(train, held_out or None)`` datasets; the built-in generated dataset when no dataset is named."""
-    if data_args.dataset_name is None:
-        synthetic = build_synthetic_dataset(
-            Path(data_args.cache_dir) / "synthetic",
-            num_train=data_args.synthetic_num_train,
-            num_test=data_args.synthetic_num_test,
-            image_size=model_args.image_size,
-            seed=data_args.synthetic_seed,
-            placement=data_args.synthetic_placement,
-        )
-        train = synthetic["train"].to_iterable_dataset() if data_args.streaming else synthetic["train"]
-        return train, synthetic["test"]
-    train = load_image_text_dataset(data_args, data_args.train_split)
-    held_out = None
-    if data_args.eval_split:
-        held_out = load_image_text_dataset(
-            DataArguments(**{**vars(data_args), "streaming": False}), data_args.eval_split
-        )
-    return train, held_out
 
 
 def check_init_from(name_or_path: str) -> None:
@@ -166,13 +142,6 @@ def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
     return GLIPModel(config)
 
 
-def _with_index(row: dict, index: int) -> dict:
-    """The row's position in this process's stream, unique across DataLoader workers (each worker counts its own
-    rows from 0), so that it seeds an augmentation no other row shares."""
-    worker = torch.utils.data.get_worker_info()
-    return {"__index__": index if worker is None else index * worker.num_workers + worker.id}
-
-
 def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint: Path | None):
     """The run's tokenizer, resolved once by the main process and saved into the run directory; the other
     processes load that copy, and a resumed run the checkpoint's (an offline-trained BPE is not bit-reproducible)."""
@@ -196,28 +165,6 @@ def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_
         return tokenizer
 
 
-def _batches(dataloader, collator, progress: TrainingProgress, accelerator, streaming: bool) -> Iterator[dict]:
-    """Micro-batches forever, epoch after epoch, starting at ``progress`` (mid-epoch on resume)."""
-    epoch, start = progress.epoch, progress.batch_in_epoch
-    while True:
-        collator.epoch = epoch
-        if streaming:
-            dataloader.dataset.set_epoch(epoch)
-            loader = itertools.islice(dataloader, start, None)
-        else:
-            dataloader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(dataloader, start) if start else dataloader
-        produced = False
-        for index, batch in enumerate(loader, start=start):
-            progress.epoch, progress.batch_in_epoch = epoch, index + 1
-            produced = True
-            yield batch
-        if not produced and start == 0:
-            raise ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
-        epoch, start = epoch + 1, 0
-        progress.epoch, progress.batch_in_epoch = epoch, 0
-
-
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
     """Run pre-training as configured; returns where the model went and what it measured."""
     output_dir = Path(training_args.output_dir)
@@ -231,6 +178,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         step_scheduler_with_optimizer=False,
     )
     check_launch(accelerator)
+    use_available_cores()  # accelerate launch leaves a CPU process one thread unless the user said otherwise
     # Everything a user can get wrong about the run directory or the starting point fails here, before any write.
     run_config = to_flat_dict(model_args, data_args, training_args)
     plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
@@ -276,8 +224,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         make_shardable(model)  # FSDP takes no 0-dim parameter (the temperature); saved models keep CLIP's shapes
     loss_fn = ContrastiveLoss(training_args.loss)
 
-    collator = _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args)
-    dataloader = _make_dataloader(train_data, collator, data_args, training_args, accelerator)
+    data = training_batches(
+        train_data, tokenizer, model.config, image_processor, model_args, data_args, training_args, accelerator
+    )
 
     fused = accelerator.device.type == "cuda" and not uses_fsdp(accelerator)  # fused AdamW: measured on one H200
     optimizer = build_optimizer([model, loss_fn], training_args, fused=fused)
@@ -285,11 +234,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model = torch.compile(model)
     # The loss module stays out of DDP (CLIP's has no parameters); SigLIP's bias gradient is averaged by hand.
     loss_fn.to(accelerator.device)  # its parameters are checkpointed as safetensors by save_checkpoint
-    if data_args.streaming:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    else:
-        model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
-    main_steps = _main_steps(dataloader, training_args, accelerator, data_args.streaming)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    main_steps = _main_steps(data.per_epoch, training_args, accelerator)
     scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
     seed_mask_stream(training_args.seed, accelerator.process_index)  # a resume restores the per-process state
     accelerator.wait_for_everyone()
@@ -327,75 +273,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         image_processor,
         HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
     )
-    batches = _batches(dataloader, collator, progress, accelerator, data_args.streaming)
-    metrics = _train_loop(run, batches)
+    metrics = _train_loop(run, data.batches(progress))
     return _finish(run, held_out, data_args, metrics)
 
 
-def _make_collator(tokenizer, model, image_processor, model_args, data_args, training_args) -> ImageTextCollator:
-    """Rows -> batches at the model's image size, normalised as the saved image processor does."""
-    vision = model.config.vision_config
-    return ImageTextCollator(
-        tokenizer,
-        vision.image_size,
-        list(image_processor.image_mean),
-        list(image_processor.image_std),
-        data_args.image_column,
-        data_args.caption_column,
-        max_length=min(model_args.max_text_length, model.config.text_config.max_position_embeddings),
-        crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
-        seed=training_args.seed,
-    )
-
-
-def _make_dataloader(train_data, collator, data_args: DataArguments, training_args: TrainingArguments, accelerator):
-    """Map-style: shuffled, seeded, with row indices (sharded by ``accelerator.prepare``). Streaming: shuffled
-    through a buffer and split across processes with ``split_dataset_by_node``."""
-    train_data = prepare_for_decoding(train_data, data_args.image_column.split(","))
-    limit = data_args.max_train_samples
-    if limit is not None:
-        train_data = (
-            train_data.take(limit) if data_args.streaming else train_data.select(range(min(limit, len(train_data))))
-        )
-    # A generator of the loader's own: creating an iterator then never draws from the global RNG (which also
-    # draws the patch masks), so a resumed run, whose iterator starts mid-epoch, keeps the same mask sequence.
-    loader_kwargs = dict(
-        batch_size=training_args.per_device_train_batch_size,
-        collate_fn=collator,
-        num_workers=data_args.num_workers,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(training_args.seed),
-    )
-    if not data_args.streaming:
-        if len(train_data) < training_args.per_device_train_batch_size * accelerator.num_processes:
-            raise ValueError(
-                f"per_device_train_batch_size={training_args.per_device_train_batch_size} x "
-                f"{accelerator.num_processes} process(es) exceeds the {len(train_data)} training rows; "
-                "lower the batch size."
-            )
-        return torch.utils.data.DataLoader(IndexedDataset(train_data), shuffle=True, **loader_kwargs)
-    from datasets.distributed import split_dataset_by_node
-
-    stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
-    stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
-    # Streamed rows are indexed per process, so the rank joins the seed of their augmentation.
-    stream = stream.map(_with_index, with_indices=True)
-    collator.seed = f"{training_args.seed}-rank{accelerator.process_index}"
-    return torch.utils.data.DataLoader(stream, **loader_kwargs)
-
-
-def _main_steps(dataloader, training_args: TrainingArguments, accelerator: Accelerator, streaming: bool) -> int:
+def _main_steps(per_epoch: int | None, training_args: TrainingArguments, accelerator: Accelerator) -> int:
     """Optimizer steps of the masked stage: ``max_steps``, or enough steps to consume the epochs' worth of
-    (prepared) micro-batches, rounded up (an epoch of 10 micro-batches at accumulation 4 is 2.5 steps)."""
+    micro-batches (``per_epoch`` on each process), rounded up (an epoch of 10 micro-batches at accumulation 4 is
+    2.5 steps)."""
     if training_args.max_steps > 0:
         return training_args.max_steps
     accumulation = training_args.gradient_accumulation_steps
-    if len(dataloader) < accumulation:
+    if per_epoch < accumulation:
         raise ValueError(
-            f"gradient_accumulation_steps={accumulation} exceeds the {len(dataloader)}"
+            f"gradient_accumulation_steps={accumulation} exceeds the {per_epoch}"
             f" batches per epoch of each of the {accelerator.num_processes} process(es); lower it or the batch size."
         )
-    return math.ceil(training_args.num_train_epochs * len(dataloader) / accumulation)
+    return math.ceil(training_args.num_train_epochs * per_epoch / accumulation)
 
 
 @dataclass
@@ -504,7 +398,7 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             for _ in range(args.gradient_accumulation_steps):
                 batch = next(batches)
                 skipped_local.update(batch.pop("skipped"))
-                micro_batches.append({k: v.to(accelerator.device) for k, v in batch.items()})
+                micro_batches.append(batch)
             global_rows = _global_rows(accelerator, micro_batches)
             if global_rows == 0:
                 # Every sample of this step, on every process, was skipped: no update, the schedule moves on.

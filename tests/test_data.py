@@ -106,7 +106,7 @@ def test_streamed_rows_get_distinct_augmentation(tmp_path, tokenizer):
     stream = load_image_text_dataset(
         data_args(tmp_path, dataset_name="parquet", data_files=str(path), streaming=True), "train"
     )
-    from glip_hf.training import _with_index
+    from glip_hf.data import with_stream_index as _with_index
 
     rows = list(prepare_for_decoding(stream, ["image"]).map(_with_index, with_indices=True))
     assert [row["__index__"] for row in rows] == list(range(8))

@@ -508,7 +508,7 @@ def test_streamed_rows_get_distinct_augmentation_with_dataloader_workers(tmp_pat
 
     from glip_hf.arguments import DataArguments, TrainingArguments
     from glip_hf.data import ImageTextCollator, load_image_text_dataset
-    from glip_hf.training import _make_dataloader
+    from glip_hf.data import make_train_dataloader as _make_dataloader
 
     root = make_webdataset(tmp_path / "shards", shards=2, per_shard=8, same_image=True)
     data_args = DataArguments(
