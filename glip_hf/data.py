@@ -500,9 +500,11 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 class ImageTextCollator:
-    """Rows -> ``{"pixel_values" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": Counter}``.
+    """Rows -> ``{"pixel_values" (B, 3, S, S), "input_ids" (B, L), "attention_mask" (B, L), "skipped": dict}``.
 
     Bad rows are dropped from the batch and counted by reason (see ``SKIP_REASONS``); the batch may be smaller.
+    ``"skipped"`` is a plain dict, not a Counter: a pinning DataLoader copies a mapping and ``update``s the copy with
+    its own items, which doubles every count of a Counter.
     ``uint8``: pixel values stay uint8 (a quarter of the bytes to move between processes and to the device), to be
     normalised where they are used (`normalize_pixels`, as `TrainingBatches` does on the device). ``jpeg_draft``:
     the crop is drawn from the JPEG header's size first, and the JPEG decoded at the largest reduction that keeps
@@ -587,7 +589,7 @@ class ImageTextCollator:
                 ),
                 "input_ids": torch.zeros(0, self.max_length, dtype=torch.long),
                 "attention_mask": torch.zeros(0, self.max_length, dtype=torch.long),
-                "skipped": skipped,
+                "skipped": dict(skipped),
             }
         text = self.tokenizer(
             captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -596,7 +598,7 @@ class ImageTextCollator:
             "pixel_values": torch.stack(pixels),
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
-            "skipped": skipped,
+            "skipped": dict(skipped),
         }
 
 

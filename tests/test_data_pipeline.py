@@ -72,6 +72,16 @@ def test_the_loop_gets_normalised_batches_either_way_from_one_call(tmp_path, tok
     assert torch.equal(first[True]["input_ids"], first[False]["input_ids"])
 
 
+def test_skip_counts_survive_a_pinning_dataloader(tokenizer):
+    """On a CUDA device the loader pins each batch: torch copies a mapping and updates the copy with its own items,
+    which would double a Counter's counts. The tensors cannot be pinned without CUDA; the counts are what changed."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    rows = [jpeg_row(render_example_scene(40, seed=0), 0), {"__index__": 1, "image": None, "caption": "a"}]
+    skipped = collator(tokenizer, 24)(rows)["skipped"]
+    assert pin_memory({"skipped": skipped})["skipped"] == {"missing_image": 1}
+
+
 def test_jpeg_draft_decodes_less_and_changes_no_png_and_no_small_crop(tokenizer):
     big = render_example_scene(160, seed=3)
     png = {"__index__": 0, "image": {"bytes": encode_image(big, "PNG")}, "caption": "a"}
