@@ -464,7 +464,9 @@ def draft_for_crop(image: Image.Image, box: Box, size: int) -> None:
     reduction = next((r for r in JPEG_REDUCTIONS if shortest >= r * size), 1)
     if reduction > 1:
         width, height = image.size
-        image.draft(image.mode, (math.ceil(width / reduction), math.ceil(height / reduction)))
+        # Floor, not ceil: PIL picks the largest scale s with size // requested >= s, so a ceil'd request for an
+        # odd width (501 // 251 = 1) got no reduction at all; the decoded image is ceil(size / s) either way.
+        image.draft(image.mode, (width // reduction, height // reduction))
 
 
 def to_uint8_tensor(image: Image.Image) -> torch.Tensor:

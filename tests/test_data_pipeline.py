@@ -96,6 +96,11 @@ def test_jpeg_draft_decodes_less_and_changes_no_png_and_no_small_crop(tokenizer)
     opened.load()
     assert opened.size == (20, 20)
 
+    odd = Image.open(io.BytesIO(encode_image(big.resize((161, 121)), "JPEG")))  # sizes no reduction divides
+    draft_for_crop(odd, (0, 0, 121, 121), 16)  # 121 px: at least 4 x 16 but not 8 x 16, decoded at 1/4
+    odd.load()
+    assert odd.size == (41, 31)
+
 
 @pytest.mark.parametrize("orientation", [None, 6])
 def test_jpeg_draft_takes_the_same_crop(tokenizer, orientation):
