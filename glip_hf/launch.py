@@ -54,8 +54,9 @@ def launcher_chose_threads() -> bool:
         return False
     names = {entry.split(b"=", 1)[0].decode(errors="replace") for entry in environment}
     launched_by_parent = any(name in os.environ and name not in names for name in LAUNCHER_MARKERS)
+    # accelerate's parser takes each flag with dashes too (--num-cpu-threads-per-process).
     chosen_by_user = "OMP_NUM_THREADS" in names or any(
-        arg.startswith(b"--num_cpu_threads_per_process") for arg in command
+        arg.replace(b"-", b"_").startswith(b"__num_cpu_threads_per_process") for arg in command
     )
     return launched_by_parent and not chosen_by_user
 

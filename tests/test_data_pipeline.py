@@ -123,12 +123,12 @@ def test_jpeg_draft_takes_the_same_crop(tokenizer, orientation):
     assert difference < 0.25 * (other_crops - plain).abs().mean().item()
 
 
-def launched_threads(tmp_path, env: dict) -> int:
+def launched_threads(tmp_path, env: dict, flags: tuple[str, ...] = ()) -> int:
     """The thread count torch has in a script started by ``accelerate launch`` after `use_available_cores`."""
     probe = tmp_path / "probe.py"
     probe.write_text("from glip_hf.launch import use_available_cores\nprint('threads', use_available_cores())\n")
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONPATH": str(ROOT), **env}
-    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", str(probe)]
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", *flags, str(probe)]
     out = subprocess.run(launch, env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     return int(out.split("threads")[-1].split()[0])
 
@@ -137,6 +137,8 @@ def test_accelerate_launch_gets_every_core_unless_the_user_set_the_threads(tmp_p
     # accelerate launch alone exports OMP_NUM_THREADS=1 (see glip_hf.launch.launcher_chose_threads).
     assert launched_threads(tmp_path, {}) == cpu_threads_per_process()
     assert launched_threads(tmp_path, {"OMP_NUM_THREADS": "1"}) == 1  # the user's own setting is kept
+    # The launcher's flag, in either spelling accelerate accepts, is the user's setting too.
+    assert launched_threads(tmp_path, {}, ("--num-cpu-threads-per-process", "1")) == 1
 
 
 def test_the_benchmark_smoke_run_writes_its_table(tmp_path):
