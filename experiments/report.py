@@ -112,7 +112,7 @@ def accuracy_table(arms: list[Arm], metric: str, with_paper: bool) -> list[str]:
 
 def compute_table(arms: list[Arm]) -> list[str]:
     head = (
-        "| arm | budget | masked-stage steps | images seen | counted GFLOPs / step | counted PFLOPs (masked stage) "
+        "| arm | budget | masked-stage steps | images seen | counted GFLOPs / step | counted TFLOPs (masked stage) "
         "| train time (s) | images/s | tuning time (s) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -120,7 +120,7 @@ def compute_table(arms: list[Arm]) -> list[str]:
         lines.append(
             f"| {arm.name} | {arm.first('budget').replace('_', ' ')} | {arm.first('steps')} | "
             f"{arm.first('images_seen')} | {arm.first('flops_per_step') / 1e9:.2f} | "
-            f"{arm.first('train_flops') / 1e15:.3f} | {fmt(arm.stat('train_seconds'), 1, 0)} | "
+            f"{arm.first('train_flops') / 1e12:.2f} | {fmt(arm.stat('train_seconds'), 1, 0)} | "
             f"{fmt(arm.stat('images_per_s'), 1, 0)} | {fmt(arm.stat('tuning_seconds'), 1, 0)} |"
         )
     return lines
@@ -284,12 +284,12 @@ def plot_accuracy_vs_cost(arms: dict[str, Arm], out: Path) -> Path:
         marker = (
             "s" if arm.first("budget") == "same_compute" else ("D" if arm.first("placement") == "uniform" else "o")
         )
-        for ax, x in ((axes[0], seconds), (axes[1], [f / 1e15 for f in flops])):
+        for ax, x in ((axes[0], seconds), (axes[1], [f / 1e12 for f in flops])):
             xm, xs = mean_std(x)
             ax.errorbar(xm, mean * 100, std * 100, xs, color=COLOURS[arm.first("method")], marker=marker, capsize=2)
             ax.annotate(arm.name, (xm, mean * 100), fontsize=6, xytext=(3, 3), textcoords="offset points")
     axes[0].set_xlabel("training time, masked stage + tuning (s, one CPU thread, shared machine)")
-    axes[1].set_xlabel("counted training PFLOPs (masked stage + tuning)")
+    axes[1].set_xlabel("counted training TFLOPs (masked stage + tuning)")
     for ax in axes:
         ax.set_ylabel("zero-shot top-1 (%), after tuning (CLIP: as trained)")
         ax.grid(alpha=0.3)
@@ -309,26 +309,38 @@ def _mean_curve(arm: Arm) -> tuple[list[int], list[float]]:
     return steps, [statistics.fmean(by_step[s]) for s in steps]
 
 
+def _line_style(arm: Arm) -> dict[str, Any]:
+    """Colour by method, dash by mask ratio; the sigma and centre-agnostic arms faint, same-compute arms thick."""
+    dashes = {0.0: "-", 0.5: "-", 0.75: "--", 0.918: ":"}
+    faint = arm.first("group") in ("sigma", "centre_agnostic")
+    return {
+        "color": COLOURS[arm.first("method")],
+        "ls": dashes.get(arm.first("mask_ratio"), "-."),
+        "alpha": 0.45 if faint else 1.0,
+        "lw": 2.2 if arm.first("budget") == "same_compute" else 1.0,
+        "label": arm.name,
+    }
+
+
 def plot_loss_curves(arms: dict[str, Arm], out: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for arm in arms.values():
         steps, losses = _mean_curve(arm)
-        style = "--" if arm.first("budget") == "same_compute" else "-"
-        colour = COLOURS[arm.first("method")]
-        alpha = 1.0 if arm.first("group") in ("main", "same_compute") else 0.4
+        style = _line_style(arm)
         if arm.first("budget") != "same_compute":
-            axes[0].plot(steps, losses, style, color=colour, alpha=alpha, lw=1, label=arm.name)
-        flops = [s * arm.first("flops_per_step") / 1e15 for s in steps]  # tuning steps counted at the masked rate
+            axes[0].plot(steps, losses, **style)
         if arm.first("group") in ("main", "same_compute"):
-            axes[1].plot(flops, losses, style, color=colour, alpha=alpha, lw=1, label=arm.name)
-    axes[0].set_xlabel("optimizer step (tuning stage after the last masked step)")
-    axes[1].set_xlabel("counted PFLOPs of the masked stage")
+            masked = [(s, v) for s, v in zip(steps, losses) if s <= arm.first("steps")]
+            flops = [s * arm.first("flops_per_step") / 1e12 for s, _ in masked]
+            axes[1].plot(flops, [v for _, v in masked], **style)
+    axes[0].set_xlabel("optimizer step (same-steps arms; the tuning stage follows the last masked step)")
+    axes[1].set_xlabel("counted TFLOPs of the masked stage (thick: same-compute arms)")
     for ax in axes:
         ax.set_ylabel("training loss (mean over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("Loss curves")
+    fig.suptitle("Loss curves (solid 0-50%, dashed 75%, dotted 91.8%)")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -392,7 +404,7 @@ def render(arms: dict[str, Arm], grid: Grid, results: list[dict], figures: dict[
         "",
         f"Written by `{command}` from the cells' JSON in `{Path(figures['masks.png']).parent.as_posix()}/cells/` "
         "(one file per cell, committed); do not edit by hand, rerun `python experiments/reproduce.py --report_only`.",
-        f"Machine: {'; '.join(machines)} (two cells at a time on a machine shared with other jobs: times are "
+        f"Machine: {'; '.join(machines)} (cells ran side by side on a machine shared with other jobs: times are "
         "indicative, counted FLOPs are exact).",
         "",
         "## Setup",
