@@ -392,6 +392,16 @@ def _missing(grid: Grid, results: list[dict[str, Any]]) -> list[str]:
     return [cell.name for cell in grid.cells() if cell.name not in done]
 
 
+def _data_line(result: dict[str, Any], base: dict[str, Any]) -> str:
+    if result["dataset"] != "builtin":
+        return f"- Data: `{result['dataset']}` (given to the grid), zero-shot and retrieval on its held-out split."
+    return (
+        f"- Data: the built-in generated scenes, {base.get('synthetic_num_train')} training / "
+        f"{base.get('synthetic_num_test')} held-out images, 36 zero-shot classes (colour x shape, chance 2.8%); "
+        "objects centre-biased unless the arm says `synthetic_placement: uniform`."
+    )
+
+
 def render(arms: dict[str, Arm], grid: Grid, results: list[dict], figures: dict[str, str], quick: bool) -> str:
     by_group = defaultdict(list)
     for arm in arms.values():
@@ -409,9 +419,7 @@ def render(arms: dict[str, Arm], grid: Grid, results: list[dict], figures: dict[
         "",
         "## Setup",
         "",
-        f"- Data: {results[0]['dataset']} (the built-in generated scenes unless a dataset was passed), "
-        f"{base.get('synthetic_num_train')} training / {base.get('synthetic_num_test')} held-out images, "
-        "36 zero-shot classes (colour x shape, chance 2.8%).",
+        _data_line(results[0], base),
         f"- Model: ViT {base['image_size']} px / patch {base['patch_size']} "
         f"({(base['image_size'] // base['patch_size']) ** 2} patches), width {base['vision_hidden_size']}, "
         f"{base['vision_layers']} layers; text width {base['text_hidden_size']}, {base['text_layers']} layers.",

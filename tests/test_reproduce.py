@@ -101,6 +101,24 @@ def test_bad_training_flag_stops_before_any_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_own_dataset_needs_its_held_out_split(tmp_path):
+    from experiments.grid import EvalSettings, _eval_args
+    from glip_hf.arguments import DataArguments
+
+    data = DataArguments(dataset_name="imagefolder", data_dir=str(tmp_path), caption_column="text")
+    with pytest.raises(ValueError, match="eval_split=None is invalid.*--eval_split"):
+        _eval_args(tmp_path, data, EvalSettings(), "zeroshot_classification", {}, 0)
+    data.eval_split = "validation"
+    args = _eval_args(tmp_path, data, EvalSettings(templates="t.txt"), "retrieval", {"mask_ratio": 0.5}, 1)
+    assert (args.dataset, args.split, args.caption_column, args.templates) == (
+        "imagefolder",
+        "validation",
+        "text",
+        "t.txt",
+    )
+    assert (args.mask_ratio, args.seed, args.data_dir) == (0.5, 1, str(tmp_path))
+
+
 def test_unknown_arm_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="unknown arm"):
         reproduce.main(_quick(tmp_path, "--arms", "nope"))
