@@ -113,7 +113,7 @@ def accuracy_table(arms: list[Arm], metric: str, with_paper: bool) -> list[str]:
 def compute_table(arms: list[Arm]) -> list[str]:
     head = (
         "| arm | budget | masked-stage steps | images seen | counted GFLOPs / step | counted TFLOPs (masked stage) "
-        "| train time (s) | images/s | tuning time (s) |"
+        "| train time (s) | images/s | images/s per seed | tuning time (s) |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm in arms:
@@ -121,7 +121,8 @@ def compute_table(arms: list[Arm]) -> list[str]:
             f"| {arm.name} | {arm.first('budget').replace('_', ' ')} | {arm.first('steps')} | "
             f"{arm.first('images_seen')} | {arm.first('flops_per_step') / 1e9:.2f} | "
             f"{arm.first('train_flops') / 1e12:.2f} | {fmt(arm.stat('train_seconds'), 1, 0)} | "
-            f"{fmt(arm.stat('images_per_s'), 1, 0)} | {fmt(arm.stat('tuning_seconds'), 1, 0)} |"
+            f"{fmt(arm.stat('images_per_s'), 1, 0)} | {' / '.join(f'{v:.0f}' for v in arm.stat('images_per_s'))} | "
+            f"{fmt(arm.stat('tuning_seconds'), 1, 0)} |"
         )
     return lines
 
