@@ -269,6 +269,7 @@ def run_cell(grid: Grid, cell: Cell, run_dir: Path, result_path: Path, steps: in
     ``flops``: counted FLOPs per training step of this arm (``masked``) and of the unmasked tuning (``unmasked``)."""
     import torch
 
+    from glip_hf.evaluation import load_model_for_eval
     from glip_hf.training import train
 
     start = time.perf_counter()
@@ -281,8 +282,6 @@ def run_cell(grid: Grid, cell: Cell, run_dir: Path, result_path: Path, steps: in
     mask = {k: getattr(model_args, k) for k in MASK_KEYS if getattr(model_args, k) is not None}
     masked = model_args.mask_ratio not in (None, 0.0)
     stage_one = _load_stage_one(run_dir, main_steps, device) if tuning else None
-    from glip_hf.evaluation import load_model_for_eval
-
     final = load_model_for_eval(str(run_dir), device)
     before = stage_one or final
     evaluation = {
