@@ -1,0 +1,128 @@
+"""The reproduction runner (`experiments/reproduce.py --quick`): real training and evaluation of two tiny cells, the
+report written from their JSON, finished cells skipped on a rerun, counted FLOPs and the same-compute budget."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "experiments" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # puts the checkout on sys.path, so `experiments.*` import
+    return module
+
+
+reproduce = _load_reproduce()
+from experiments.grid import cell_spec, is_finished, load_grid, same_compute_steps, train_step_flops  # noqa: E402
+
+
+def _quick(tmp_path, *extra: str) -> list[str]:
+    return [
+        "--quick",
+        "--jobs",
+        "1",
+        "--report",
+        str(tmp_path / "reproduction.md"),
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+        *extra,
+    ]
+
+
+def test_quick_grid_writes_cells_and_report_and_skips_finished_cells(tmp_path, capsys):
+    assert reproduce.main(_quick(tmp_path)) == 0
+    cells = tmp_path / "reproduction" / "cells"
+    results = {p.stem: json.loads(p.read_text()) for p in sorted(cells.glob("*.json"))}
+    assert sorted(results) == ["flip-75-seed0", "glip-75-seed0"]
+    for result in results.values():
+        assert result["complete"] and result["steps"] == 6 and result["tuning_steps"] == 2
+        assert result["images_seen"] == 6 * 32
+        assert result["train_flops"] == 6 * result["flops_per_step"] > 0
+        for column in ("masked", "unmasked", "tuned"):
+            for metric in ("zeroshot_top1", "retrieval_r1"):
+                value = result["eval"][column][metric]
+                assert math.isfinite(value) and 0.0 <= value <= 1.0, (column, metric, value)
+        steps = [step for step, _ in result["loss_curve"]]
+        assert steps == [2, 4, 6, 8]  # logged every 2 steps: 6 masked, then 2 unmasked-tuning steps
+        assert all(math.isfinite(loss) for _, loss in result["loss_curve"])
+        assert result["train_seconds"] > 0 and result["images_per_s"] > 0
+    flip, glip = results["flip-75-seed0"], results["glip-75-seed0"]
+    assert (flip["mask_strategy"], glip["mask_strategy"], glip["mask_sigma"]) == ("random", "gaussian", 0.2)
+    assert flip["flops_per_step"] == glip["flops_per_step"]  # same kept-token count, same counted FLOPs
+    report = (tmp_path / "reproduction.md").read_text()
+    assert "| FLIP | 75% | – | 1 |" in report and "| GLIP | 75% | 0.2 | 1 |" in report
+    for figure in ("accuracy_vs_ratio", "accuracy_vs_cost", "loss_curves", "masks"):
+        assert (tmp_path / "reproduction" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"reproduction/{figure}.png" in report
+
+    before = {path.name: path.read_bytes() for path in cells.glob("*.json")}
+    capsys.readouterr()
+    assert reproduce.main(_quick(tmp_path)) == 0
+    assert "2 of 2 cells already finished; running 0." in capsys.readouterr().out
+    assert {path.name: path.read_bytes() for path in cells.glob("*.json")} == before
+
+    # A cell whose settings changed is not finished any more.
+    grid = load_grid(reproduce.DEFAULT_GRID, quick=True)
+    grid.passthrough = ["--cache_dir", str(tmp_path / "cache")]
+    cell = grid.cells()[0]
+    assert is_finished(cells / f"{cell.name}.json", cell_spec(grid, cell, None))
+    grid.passthrough += ["--learning_rate", "0.001"]
+    assert not is_finished(cells / f"{cell.name}.json", cell_spec(grid, cell, None))
+
+
+def test_counted_flops_and_same_compute_steps(tmp_path):
+    grid = load_grid(reproduce.DEFAULT_GRID, quick=True)
+    cell = grid.cells()[0]
+    from experiments.grid import parse_cell
+
+    model_args = parse_cell(grid, cell, tmp_path / "run")[0]
+    masked = train_step_flops(model_args, 4)
+    assert masked == train_step_flops(model_args, 4)  # counted, not timed: the same every time
+    model_args.mask_ratio = 0.0
+    unmasked = train_step_flops(model_args, 4)
+    assert 0 < masked < unmasked
+    assert train_step_flops(model_args, 8) == pytest.approx(2 * unmasked, rel=0.01)  # linear in the batch
+    assert same_compute_steps(100, unmasked, masked) == round(100 * unmasked / masked) > 100
+    assert same_compute_steps(100, 10, 10) == 100
+
+
+def test_bad_training_flag_stops_before_any_run(tmp_path):
+    with pytest.raises(ValueError, match="unknown argument"):
+        reproduce.main(_quick(tmp_path, "--not_a_flag", "1"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_own_dataset_needs_its_held_out_split(tmp_path):
+    from experiments.grid import EvalSettings, _eval_args
+    from glip_hf.arguments import DataArguments
+
+    data = DataArguments(dataset_name="imagefolder", data_dir=str(tmp_path), caption_column="text")
+    with pytest.raises(ValueError, match="eval_split=None is invalid.*--eval_split"):
+        _eval_args(tmp_path, data, EvalSettings(), "zeroshot_classification", {}, 0)
+    data.eval_split = "validation"
+    args = _eval_args(tmp_path, data, EvalSettings(templates="t.txt"), "retrieval", {"mask_ratio": 0.5}, 1)
+    assert (args.dataset, args.split, args.caption_column, args.templates) == (
+        "imagefolder",
+        "validation",
+        "text",
+        "t.txt",
+    )
+    assert (args.mask_ratio, args.seed, args.data_dir) == (0.5, 1, str(tmp_path))
+
+
+def test_unknown_arm_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="unknown arm"):
+        reproduce.main(_quick(tmp_path, "--arms", "nope"))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
