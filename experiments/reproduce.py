@@ -164,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             setattr(grid.eval, name, str(Path(getattr(args, name)).resolve()))
     grid.eval.caption_column = args.eval_caption_column or grid.eval.caption_column
     if args.seeds:
-        grid.seeds = [int(seed) for seed in args.seeds.split(",")]
+        try:
+            grid.seeds = [int(seed) for seed in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r} is invalid: expected comma-separated integers.") from None
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads} is invalid: expected >= 1.")
     report, folder, runs = resolve_paths(args)
     cells = grid.cells()
     if args.arms:
@@ -175,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         cells = [c for c in cells if c.arm in wanted]
     failed = []
     if not args.report_only:
-        parse_cell(grid, cells[0], runs / cells[0].name)  # a bad flag stops here, in one line, before any run
+        data_args = parse_cell(grid, cells[0], runs / cells[0].name)[1]  # a bad flag stops here, before any run
+        if data_args.dataset_name is not None:  # synthetic_* settings (the centre-agnostic arms) mean nothing there
+            synthetic = sorted({c.arm for c in cells if any(k.startswith("synthetic_") for k in c.overrides)})
+            if synthetic:
+                print(f"--dataset_name given: skipping the built-in-data arms {synthetic}.", flush=True)
+            cells = [c for c in cells if c.arm not in synthetic]
+            if not cells:
+                raise ValueError("--arms: these arms need the built-in data; drop --dataset_name or pick others.")
         failed = run_grid(grid, cells, folder / "cells", runs, args.jobs, args.threads)
     from experiments.report import write_report
 
@@ -184,5 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` as a script: a user error (bad flag, missing file) is one line on stderr and exit status 2."""
+    from glip_hf.cli import run_cli
+
+    status: list[int] = []
+    run_cli(lambda args: status.append(main(args)), argv, prog="reproduce.py")
+    return status[0] if status else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -119,6 +119,28 @@ def test_own_dataset_needs_its_held_out_split(tmp_path):
     assert (args.mask_ratio, args.seed, args.data_dir) == (0.5, 1, str(tmp_path))
 
 
+def test_half_finished_cell_is_not_finished(tmp_path):
+    grid = load_grid(reproduce.DEFAULT_GRID, quick=True)
+    cell = grid.cells()[0]
+    spec = json.loads(json.dumps(cell_spec(grid, cell, None)))
+    path = tmp_path / "cell.json"
+    whole = json.dumps({"schema": 1, "spec": spec, "complete": True})
+    path.write_text(whole)
+    assert is_finished(path, cell_spec(grid, cell, None))
+    path.write_text(whole[: len(whole) // 2])  # cut short
+    assert not is_finished(path, cell_spec(grid, cell, None))
+    path.write_text(json.dumps({"schema": 1, "spec": spec, "complete": False}))
+    assert not is_finished(path, cell_spec(grid, cell, None))
+
+
+def test_own_dataset_skips_the_built_in_data_arms(tmp_path):
+    argv = ["--arms", "flip-75-uniform,glip-75-uniform", "--runs_dir", str(tmp_path / "runs")]
+    argv += ["--report", str(tmp_path / "r.md"), "--dataset_name", "imagefolder", "--data_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="need the built-in data"):
+        reproduce.main([*argv, "--eval_split", "test"])
+    assert not (tmp_path / "runs").exists()
+
+
 def test_unknown_arm_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="unknown arm"):
         reproduce.main(_quick(tmp_path, "--arms", "nope"))
