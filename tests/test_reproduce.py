@@ -55,6 +55,9 @@ def test_quick_grid_writes_cells_and_report_and_skips_finished_cells(tmp_path, c
         assert steps == [2, 4, 6, 8]  # logged every 2 steps: 6 masked, then 2 unmasked-tuning steps
         assert all(math.isfinite(loss) for _, loss in result["loss_curve"])
         assert result["train_seconds"] > 0 and result["images_per_s"] > 0
+        # masked inference really masked (its mask draws have a spread); the unmasked columns had no draws
+        assert "zeroshot_top1_draw_std" in result["eval"]["masked"]
+        assert "zeroshot_top1_draw_std" not in result["eval"]["unmasked"] | result["eval"]["tuned"]
     flip, glip = results["flip-75-seed0"], results["glip-75-seed0"]
     assert (flip["mask_strategy"], glip["mask_strategy"], glip["mask_sigma"]) == ("random", "gaussian", 0.2)
     assert flip["flops_per_step"] == glip["flops_per_step"]  # same kept-token count, same counted FLOPs
