@@ -463,7 +463,9 @@ def render(arms: dict[str, Arm], grid: Grid, results: list[dict], figures: dict[
     out += [
         "Differences in zero-shot top-1 points. Between arms: difference of seed means ± its standard error; within "
         "an arm (tuning gain, masked-inference loss): mean of the per-seed differences ± its standard error. "
-        "*holds* / *reversed* / *positive* / *negative* need more than 2 standard errors.",
+        "*holds* / *reversed* / *positive* / *negative* need more than 2 standard errors. With 3 seeds that is "
+        "roughly p < 0.1 for one comparison (a t-test), not a 5% test, and this table makes many comparisons: read "
+        "a verdict as a signal worth a bigger run, not as a settled result.",
         "",
     ]
     out += orderings_table(arms) + [""]

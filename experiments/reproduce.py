@@ -62,7 +62,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """``(report, figures-and-cells folder, runs folder)``."""
-    report = Path(args.report) if args.report else (QUICK_OUT / "reproduction.md" if args.quick else DEFAULT_REPORT)
+    if args.report:
+        report = Path(args.report)
+    elif args.quick:
+        report = QUICK_OUT / "reproduction.md"
+    elif args.own_data:  # never over the committed built-in evidence
+        report = ROOT / "experiments" / "runs" / "own-data" / "reproduction.md"
+    else:
+        report = DEFAULT_REPORT
     runs = Path(args.runs_dir) if args.runs_dir else (QUICK_OUT / "runs" if args.quick else ROOT / "experiments/runs")
     return report, report.with_suffix(""), runs
 
@@ -157,6 +164,7 @@ def _report_done(name: str, error: BaseException | None, failed: list[str]) -> N
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = parse_args(argv)
+    args.own_data = any(flag.split("=")[0] == "--dataset_name" for flag in passthrough)
     grid = load_grid(args.grid, quick=args.quick)
     grid.passthrough = passthrough
     for name in ("class_names", "templates"):
