@@ -274,6 +274,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         image_processor,
         HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
     )
+    del model, optimizer, scheduler  # `run` is their one owner, so that `_end` can release the wrapped model
     metrics = _train_loop(run, data.batches(progress))
     return _finish(run, held_out, data_args, metrics)
 
@@ -558,8 +559,18 @@ def _diverged_message(run: _Run, streak: int) -> str:
     )
 
 
-def _stop(run: _Run, message: str, exit_code: int) -> None:
+def _end(run: _Run) -> None:
+    """Finish the trackers and destroy the process group, every process together, after releasing the wrapped
+    model: a DDP reducer that outlives its (destroyed) gloo group tears the group down again when it is freed, and
+    that teardown was seen to hang a process at exit."""
+    run.accelerator.wait_for_everyone()
+    run.model = None
+    run.accelerator.free_memory()
     run.accelerator.end_training()
+
+
+def _stop(run: _Run, message: str, exit_code: int) -> None:
+    _end(run)
     raise RunStopped(message, exit_code)
 
 
@@ -617,7 +628,7 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
         if pusher is not None:
             pusher.push(output_dir, f"End of training, step {progress.step}")
             pusher.wait()
-    accelerator.end_training()
+    _end(run)
     return TrainResult(output_dir, progress.step, progress.skipped, eval_metrics)
 
 
