@@ -234,13 +234,14 @@ class GlipVariant(Variant):
         self.ratio = ratio
 
     def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
+        from glip_hf.sharding import gradient_norm
         from glip_hf.step import train_step
 
         mask = None if self.lever == "no_text_mask" else torch.ones_like(input_ids)
         batch = {"pixel_values": images, "input_ids": input_ids, "attention_mask": mask}
         train_step(self.model, self.loss_fn, self.unwrapped, [batch], self.accelerator)
-        if self.lever == "grad_norm_check":  # what `glip_hf.training._update` adds: total norm, finiteness, clip
-            norm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), 1.0)
+        if self.lever == "grad_norm_check":  # what `glip_hf.training._update` adds: total norm, clip, finiteness
+            norm = gradient_norm(self.accelerator, self.model, list(self.loss_fn.parameters()), 1.0)
             bool(torch.isfinite(norm).item())
         self.optimizer.step()
         with torch.no_grad():

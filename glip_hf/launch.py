@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from .sharding import uses_fsdp
+
 # Variables a launcher sets for the processes it starts: `accelerate launch` (every mode) and torchrun.
 LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
 
@@ -26,7 +28,7 @@ def check_launch(accelerator: Accelerator) -> None:
             f"{launched} processes were launched but Accelerate joined {accelerator.num_processes} "
             f"({accelerator.distributed_type}); on a machine without GPUs pass --cpu true."
         )
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != "FSDP":
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not uses_fsdp(accelerator):
         raise ValueError(
             f"the accelerate config asks for FSDP but Accelerate runs {accelerator.distributed_type.value}: it shards "
             "models only on GPUs (or other accelerators); on CPUs launch plain data parallel "
