@@ -30,6 +30,7 @@ from experiments.grid import (  # noqa: E402
     Cell,
     Grid,
     cell_spec,
+    check_eval_data,
     cell_worker,
     is_finished,
     load_grid,
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = [c for c in cells if c.arm not in synthetic]
             if not cells:
                 raise ValueError("--arms: these arms need the built-in data; drop --dataset_name or pick others.")
+            check_eval_data(runs / cells[0].name, data_args, grid.eval)  # before any cell trains
         failed = run_grid(grid, cells, folder / "cells", runs, args.jobs, args.threads)
     from experiments.report import write_report
 
