@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             grid.seeds = [int(seed) for seed in args.seeds.split(",")]
         except ValueError:
             raise ValueError(f"--seeds {args.seeds!r} is invalid: expected comma-separated integers.") from None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} is invalid: expected >= 1.")
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads} is invalid: expected >= 1.")
     report, folder, runs = resolve_paths(args)

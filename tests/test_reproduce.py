@@ -181,3 +181,11 @@ def test_own_dataset_eval_problems_stop_before_any_training(tmp_path, extra, mes
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_below_one_is_an_error(tmp_path, jobs):
+    # --jobs 0 / -1 were taken silently (one cell at a time)
+    with pytest.raises(ValueError, match="--jobs"):
+        reproduce.main(_quick(tmp_path, "--jobs", jobs))
+    assert not (tmp_path / "runs").exists()
