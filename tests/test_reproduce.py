@@ -189,3 +189,14 @@ def test_jobs_below_one_is_an_error(tmp_path, jobs):
     with pytest.raises(ValueError, match="--jobs"):
         reproduce.main(_quick(tmp_path, "--jobs", jobs))
     assert not (tmp_path / "runs").exists()
+
+
+def test_own_data_report_says_nothing_about_the_built_in_captions(tmp_path):
+    # the own-data report said "The built-in captions repeat ... about 8 such images per description in 600"
+    data = _own_imagefolder(tmp_path / "data")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"shade {i}\n" for i in range(4)))
+    argv = _quick(tmp_path, "--dataset_name", "imagefolder", "--data_dir", str(data), "--eval_split", "test")
+    assert reproduce.main([*argv, "--class_names", str(names), "--per_device_train_batch_size", "2"]) == 0
+    report = (tmp_path / "reproduction.md").read_text()
+    assert "imagefolder" in report and "built-in captions" not in report
