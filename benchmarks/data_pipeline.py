@@ -315,6 +315,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.images, args.shards, args.batch_size, args.workers, args.batches_per_worker = 16, 2, 4, [1], 2
     if min(args.workers) < 1 or args.batches_per_worker < 1 or args.repeats < 1:
         parser.error("--workers, --batches_per_worker and --repeats must be >= 1")
+    if args.batch_size < 1 or args.shards < 1:
+        parser.error(f"--batch_size {args.batch_size} and --shards {args.shards} must be >= 1")
+    low, high = args.crop_scale
+    if not 0 < low <= high <= 1:
+        parser.error(f"--crop_scale {low} {high} is invalid; expected 0 < min <= max <= 1")
     # Each worker delivers its first batch, its timed ones, and has up to 2 more in flight when the timing stops.
     needed = args.batch_size * max(args.workers) * (args.batches_per_worker + 3)
     if args.images is None:
@@ -354,6 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         print(missing)
     dataset = TarSamples(paths)
+    unknown = sorted(set(args.only or ()) - set(found))
+    if unknown:
+        message = f"data_pipeline.py: error: --only: no pipeline {unknown} here; choose from {list(found)}"
+        print(message, file=sys.stderr)
+        raise SystemExit(2)
     timed = [(name, collate) for name, collate in found.items() if not args.only or name in args.only]
     runs = []  # every measurement; the pipelines take turns in each repeat, so a slow spell hits them alike
     for repeat in range(args.repeats):

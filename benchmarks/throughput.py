@@ -602,8 +602,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
     if args.batches is None:
         args.batches = [8] if args.tiny else [256, 1024]
+    if min(args.batches) < 1:
+        parser.error(f"--batches: {min(args.batches)} is invalid; every batch must be >= 1")
     if args.lever_batch is None:
         args.lever_batch = max(args.batches)
+    for flag, value, low in (
+        ("--steps", args.steps, 1),
+        ("--warmup", args.warmup, 0),
+        ("--lever_batch", args.lever_batch, 1),
+        ("--max_batch_limit", args.max_batch_limit, 1),
+    ):
+        if value < low:
+            parser.error(f"{flag}: {value} is invalid; expected >= {low}")
+    if not 0 <= args.lever_ratio < 1:
+        parser.error(f"--lever_ratio: {args.lever_ratio} is not in [0, 1)")
+    if not args.peak_tflops > 0:
+        parser.error(f"--peak_tflops: {args.peak_tflops} is invalid; expected > 0")
+    if args.out is not None and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
     return args
 
 

@@ -222,6 +222,19 @@ def _eval_args(run_dir: Path, data_args, settings: EvalSettings, task: str, mask
     )
 
 
+def check_eval_data(run_dir: Path, data_args, settings: EvalSettings) -> None:
+    """Before any cell trains: own data's held-out split loads, has its columns and names its classes, so that a
+    grid does not train every cell only to fail each at its evaluation."""
+    if data_args.dataset_name is None:
+        return
+    from glip_hf.evaluation import check_columns, class_names_and_templates, load_eval_split
+
+    args = _eval_args(run_dir, data_args, settings, "zeroshot_classification", {}, 0)
+    dataset = load_eval_split(args, args.split, None)
+    check_columns(dataset, {"caption_column": args.caption_column}, f"{args.dataset}[{args.split}]")
+    class_names_and_templates(args, dataset)
+
+
 def evaluate(loaded, run_dir: Path, data_args, settings: EvalSettings, mask: dict[str, Any], seed: int) -> dict:
     """``{"zeroshot_top1", "retrieval_r1"}`` of ``loaded`` on the held-out split (masked inference if ``mask``)."""
     import warnings

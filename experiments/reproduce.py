@@ -31,6 +31,7 @@ from experiments.grid import (  # noqa: E402
     Grid,
     cell_spec,
     cell_worker,
+    check_eval_data,
     is_finished,
     load_grid,
     parse_cell,
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             grid.seeds = [int(seed) for seed in args.seeds.split(",")]
         except ValueError:
             raise ValueError(f"--seeds {args.seeds!r} is invalid: expected comma-separated integers.") from None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs} is invalid: expected >= 1.")
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads} is invalid: expected >= 1.")
     report, folder, runs = resolve_paths(args)
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             cells = [c for c in cells if c.arm not in synthetic]
             if not cells:
                 raise ValueError("--arms: these arms need the built-in data; drop --dataset_name or pick others.")
+            check_eval_data(runs / cells[0].name, data_args, grid.eval)  # before any cell trains
         failed = run_grid(grid, cells, folder / "cells", runs, args.jobs, args.threads)
     from experiments.report import write_report
 

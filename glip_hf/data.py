@@ -87,6 +87,11 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
         )
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise FileNotFoundError(f"dataset {name!r} could not be loaded ({error}); check --dataset_name.") from None
+    except IndexError:  # datasets' folder builders index the first metadata file's rows: an empty one fails so
+        raise ValueError(
+            f"dataset {name!r} could not be loaded from {data_dir or data_files}: is a metadata file "
+            "(metadata.jsonl / .csv) empty? Give it one row per image, or remove it."
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- webdataset shards

@@ -112,3 +112,33 @@ def test_bad_flags_are_one_line_errors(capsys):
             throughput.parse_args(["--device", "cpu", "--tiny", *flags])
         assert stopped.value.code == 2
         assert field in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--batches", "0"], "--batches"),
+        (["--steps", "0"], "--steps"),
+        (["--warmup", "-1"], "--warmup"),
+        (["--lever_ratio", "2"], "--lever_ratio"),
+        (["--lever_batch", "0"], "--lever_batch"),
+        (["--max_batch_limit", "0"], "--max_batch_limit"),
+        (["--peak_tflops", "-1"], "--peak_tflops"),
+    ],
+)
+def test_out_of_range_numbers_are_one_line_errors(capsys, flags, field):
+    # these ran to the end: rows of 0 img/s, StatisticsError cells, negative MFU, all with exit status 0
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--device", "cpu", "--tiny", *flags])
+    assert stopped.value.code == 2
+    assert field in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_unwritable_out_stops_before_the_benchmark(capsys, tmp_path):
+    # a missing --out folder used to surface as a FileNotFoundError traceback after the whole run
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--device", "cpu", "--tiny", "--out", str(blocker / "x.json")])
+    assert stopped.value.code == 2
+    assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -264,3 +264,13 @@ def test_debug_env_reraises(monkeypatch):
     monkeypatch.setenv("GLIP_HF_DEBUG", "1")
     with pytest.raises(ValueError, match="mask_ratio"):
         run_pretraining.main(["--mask_ratio", "1.0"])
+
+
+def test_empty_imagefolder_metadata_is_one_line(tmp_path):
+    # an empty metadata.jsonl made datasets' folder builder fail with a bare IndexError traceback
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "metadata.jsonl").write_text("")
+    done = run_script(tmp_path, "--dataset_name", "imagefolder", "--data_dir", str(tmp_path / "data"))
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "examples/s" not in line]
+    assert "Traceback" not in done.stderr and "metadata" in lines[-1], done.stderr

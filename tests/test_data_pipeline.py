@@ -166,3 +166,32 @@ def test_the_benchmark_smoke_run_writes_its_table(tmp_path):
         assert "open_clip (torchvision)" in names
     assert "| pipeline | workers | images/s (median) |" in printed
     assert np.isfinite([row["per_worker"] for row in report["results"]]).all()
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--batch_size", "0"], "--batch_size"),
+        (["--shards", "0"], "--shards"),
+        (["--crop_scale", "0.9", "0.1"], "--crop_scale"),
+        (["--crop_scale", "0", "1"], "--crop_scale"),
+    ],
+)
+def test_benchmark_bad_numbers_are_one_line_errors(capsys, flags, field):
+    # --batch_size 0 / --shards 0 were tracebacks; a reversed --crop_scale ran
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import data_pipeline
+
+    with pytest.raises(SystemExit) as stopped:
+        data_pipeline.parse_args(flags)
+    assert stopped.value.code == 2
+    assert field in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_benchmark_unknown_only_name_is_an_error(tmp_path):
+    # --only with a name no pipeline has timed nothing and exited 0 with an empty table
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "data_pipeline.py"
+    command = [sys.executable, str(script), "--quick", "--only", "nope", "--cache_dir", str(tmp_path / "c")]
+    result = subprocess.run(command + ["--out", str(tmp_path / "o.json")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--only" in result.stderr.strip().splitlines()[-1]

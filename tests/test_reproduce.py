@@ -149,5 +149,54 @@ def test_unknown_arm_is_one_line(tmp_path):
         reproduce.main(_quick(tmp_path, "--arms", "nope"))
 
 
+def _own_imagefolder(root: Path) -> Path:
+    """A tiny imagefolder (train + test) whose label column is a plain integer, not a ClassLabel."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        with open(root / split / "metadata.jsonl", "w") as f:
+            for i in range(4):
+                Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(root / split / f"{i}.png")
+                f.write(json.dumps({"file_name": f"{i}.png", "caption": f"shade {i}", "label": i}) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ((), "eval_split=None is invalid"),
+        (("--eval_split", "test"), "not a ClassLabel.*--class_names"),
+        (("--eval_split", "nope"), "nope"),
+    ],
+)
+def test_own_dataset_eval_problems_stop_before_any_training(tmp_path, extra, message):
+    # a grid of own data used to train every cell and fail each at its evaluation (45 cells: about an hour wasted)
+    data = _own_imagefolder(tmp_path / "data")
+    argv = _quick(tmp_path, "--dataset_name", "imagefolder", "--data_dir", str(data), *extra)
+    with pytest.raises(Exception, match=message):
+        reproduce.main(argv)
+    assert not (tmp_path / "runs").exists()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_below_one_is_an_error(tmp_path, jobs):
+    # --jobs 0 / -1 were taken silently (one cell at a time)
+    with pytest.raises(ValueError, match="--jobs"):
+        reproduce.main(_quick(tmp_path, "--jobs", jobs))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_own_data_report_says_nothing_about_the_built_in_captions(tmp_path):
+    # the own-data report said "The built-in captions repeat ... about 8 such images per description in 600"
+    data = _own_imagefolder(tmp_path / "data")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"shade {i}\n" for i in range(4)))
+    argv = _quick(tmp_path, "--dataset_name", "imagefolder", "--data_dir", str(data), "--eval_split", "test")
+    assert reproduce.main([*argv, "--class_names", str(names), "--per_device_train_batch_size", "2"]) == 0
+    report = (tmp_path / "reproduction.md").read_text()
+    assert "imagefolder" in report and "built-in captions" not in report
