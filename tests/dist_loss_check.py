@@ -95,7 +95,11 @@ def main(out: str, kind: str, modes: list[str]) -> None:
         results[mode] = one_step(accelerator, kind)
     if accelerator.is_main_process:
         torch.save({**results, "world": accelerator.num_processes, "type": str(accelerator.distributed_type)}, out)
-    accelerator.end_training()  # destroys the process group: a gloo group left to exit can abort a rank (SIGABRT)
+    # As the run's own end (training._end): every process together, the prepared model released first, then the
+    # process group destroyed; a gloo group torn down under a live wrapped model can abort a rank at exit (SIGABRT).
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
