@@ -166,6 +166,9 @@ class Variant:
     def set_ratio(self, ratio: float) -> None:
         raise NotImplementedError
 
+    def forward_loss(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
         raise NotImplementedError
 
@@ -178,7 +181,9 @@ class GlipVariant(Variant):
 
     impl = "glip"
 
-    def __init__(self, dims: Dims, setup: Setup, compile_model: bool, lever: str = ""):
+    def __init__(
+        self, dims: Dims, setup: Setup, compile_model: bool, lever: str = "", compile_mode: str | None = None
+    ):
         from glip_hf import GLIPConfig, GLIPModel
         from glip_hf.activations import use_lean_activations
         from glip_hf.arguments import TrainingArguments
@@ -219,7 +224,7 @@ class GlipVariant(Variant):
         fused = setup.cuda and lever != "foreach_adamw"
         self.optimizer = build_optimizer([model, self.loss_fn], args, fused=fused)
         if compile_model:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=compile_mode)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.max_logit_scale = MAX_LOGIT_SCALE
         self.ratio = 0.0
@@ -233,13 +238,22 @@ class GlipVariant(Variant):
         self._masking.enter_context(masked_inference(self.unwrapped, mask_ratio=ratio))
         self.ratio = ratio
 
+    def _batch(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict:
+        mask = None if self.lever == "no_text_mask" else torch.ones_like(input_ids)
+        return {"pixel_values": images, "input_ids": input_ids, "attention_mask": mask}
+
+    def forward_loss(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The forward half of `step`: both towers and the loss, as `glip_hf.step.train_step` runs them."""
+        from glip_hf.step import _encode
+
+        image_embeds, text_embeds = _encode(self.model, self._batch(images, input_ids))
+        return self.loss_fn(image_embeds, text_embeds, self.unwrapped.logit_scale)
+
     def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
         from glip_hf.sharding import gradient_norm
         from glip_hf.step import train_step
 
-        mask = None if self.lever == "no_text_mask" else torch.ones_like(input_ids)
-        batch = {"pixel_values": images, "input_ids": input_ids, "attention_mask": mask}
-        train_step(self.model, self.loss_fn, self.unwrapped, [batch], self.accelerator)
+        train_step(self.model, self.loss_fn, self.unwrapped, [self._batch(images, input_ids)], self.accelerator)
         if self.lever == "grad_norm_check":  # what `glip_hf.training._update` adds: total norm, clip, finiteness
             norm = gradient_norm(self.accelerator, self.model, list(self.loss_fn.parameters()), 1.0)
             bool(torch.isfinite(norm).item())
@@ -281,7 +295,9 @@ class OpenClipVariant(Variant):
 
     impl = "open_clip"
 
-    def __init__(self, dims: Dims, setup: Setup, compile_model: bool, lever: str = ""):
+    def __init__(
+        self, dims: Dims, setup: Setup, compile_model: bool, lever: str = "", compile_mode: str | None = None
+    ):
         import open_clip
         from open_clip.loss import ClipLoss
 
@@ -317,24 +333,28 @@ class OpenClipVariant(Variant):
             eps=1e-6,
             fused=setup.cuda,
         )
-        self.model = torch.compile(model) if compile_model else model
+        self.model = torch.compile(model, mode=compile_mode) if compile_model else model
 
     def set_ratio(self, ratio: float) -> None:
         from open_clip.transformer import PatchDropout
 
         self.unwrapped.visual.patch_dropout = PatchDropout(ratio) if ratio > 0 else torch.nn.Identity()
 
-    def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
+    def forward_loss(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The forward half of `step`: both towers and open_clip's loss under autocast."""
         with self.setup.autocast():
             image_features, text_features, logit_scale = self.model(images, input_ids)
-            loss = self.loss_fn(image_features, text_features, logit_scale)
-        loss.backward()
+            return self.loss_fn(image_features, text_features, logit_scale)
+
+    def step(self, images: torch.Tensor, input_ids: torch.Tensor) -> None:
+        self.forward_loss(images, input_ids).backward()
         self.optimizer.step()
         with torch.no_grad():  # open_clip's trainer clamps the temperature after each step
             self.unwrapped.logit_scale.clamp_(0, math.log(100))
         self.optimizer.zero_grad(set_to_none=True)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LEVERS = ("baseline", "foreach_adamw", "grad_norm_check", "no_text_mask", "lean_activations")
 BUILDERS: dict[str, Callable[..., Variant]] = {"glip": GlipVariant, "open_clip": OpenClipVariant}
 
@@ -414,6 +434,11 @@ def resident_bytes(variant: Variant) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def mode_label(mode: str, compile_mode: str | None) -> str:
+    """``eager``, ``compile``, or ``compile/<mode>`` for a torch.compile mode other than the default."""
+    return mode if mode == "eager" or compile_mode in (None, "default") else f"{mode}/{compile_mode}"
+
+
 def run_grid(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
     """Every mode x batch x ratio x impl, the implementations side by side at each point (so that a run cut short
     still holds pairs); one model per (impl, mode), built once, its ratio switched in place."""
@@ -421,13 +446,14 @@ def run_grid(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[
         variants: dict[str, Variant | str] = {}
         for impl in args.impls:
             try:
-                variants[impl] = BUILDERS[impl](dims, setup, compile_model=mode == "compile")
+                compiled = mode == "compile"
+                variants[impl] = BUILDERS[impl](dims, setup, compile_model=compiled, compile_mode=args.compile_mode)
             except Exception as error:  # one implementation failing must not lose the others' rows
                 variants[impl] = f"build: {error!r}"[:400]
         for batch in args.batches:
             for ratio in args.ratios:
                 for impl, variant in variants.items():
-                    row = Row(impl, ratio, batch, mode)
+                    row = Row(impl, ratio, batch, mode_label(mode, args.compile_mode))
                     if isinstance(variant, str):
                         row.error = variant
                         emit(row)
@@ -580,6 +606,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_batch", action="store_true", help="search the largest batch that fits (eager)")
     parser.add_argument("--max_batch_limit", type=int, default=16384)
     parser.add_argument("--dynamic", action="store_true", help="let torch.compile make shapes dynamic on change")
+    parser.add_argument(
+        "--compile_mode",
+        default=None,
+        choices=COMPILE_MODES,
+        help="torch.compile mode of the compiled rows, both implementations (default: torch's default; "
+        "reduce-overhead adds CUDA graphs)",
+    )
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (the default on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=BF16_DENSE_TFLOPS_H200, help="for MFU")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")

@@ -1,50 +1,83 @@
-"""Memory-lean activations: the same function as transformers' activation, fewer tensors kept for backward.
+"""Memory-lean MLPs: the same function as CLIP's MLP, one MLP-wide tensor kept for backward instead of three.
 
-CLIP's ``quick_gelu`` is ``x * sigmoid(1.702 x)``. Under autograd it keeps two ``(B, N, intermediate)`` tensors for
-backward (``x`` and ``sigmoid(1.702 x)``), and the following ``fc2`` keeps a third (its input); open_clip's ViT-B/16
-uses ``nn.GELU``, which keeps one besides ``fc2``'s. [`LeanQuickGELU`] keeps only ``x`` and recomputes the sigmoid in
-backward (one extra elementwise pass over the MLP's widest tensor): for ViT-B/16 at 75% masking, batch 1024, eager,
-that is 6.6 of 47.3 GiB peak memory, for 6% of the step rate (docs/benchmarks.md). Forward values are
-bit-identical (the same operations); gradients are equal up to rounding.
+CLIP's MLP is ``fc2(act(fc1(x)))``. For backward, autograd keeps ``fc1``'s output (the activation's input), whatever
+the activation keeps besides (``quick_gelu``, ``x * sigmoid(1.702 x)``, keeps ``sigmoid(1.702 x)`` too) and the
+activation's output (``fc2``'s input): three ``(B, T, intermediate)`` tensors per layer, the widest ones of the step.
+open_clip's ViT-B/16 (``nn.GELU``) keeps two. [`LeanMLP`] keeps only ``fc1``'s output and recomputes the activation
+in backward (one extra elementwise pass over it), for any activation. Forward values are bit-identical (the same
+operations); gradients are equal up to rounding. What it buys and costs: ``benchmarks/activation_memory.py`` and
+``docs/benchmarks.md``.
+
+Under ``torch.compile`` [`LeanMLP`] runs the plain MLP: the compiler decides what backward keeps and recomputes
+cheap elementwise work itself.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers.activations import QuickGELUActivation
-
-_QUICK_GELU_SCALE = 1.702
+from transformers.models.clip.modeling_clip import CLIPMLP
 
 
-class _QuickGELUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x * torch.sigmoid(_QUICK_GELU_SCALE * x)  # exactly transformers' QuickGELUActivation
+class _ActivationLinear(torch.autograd.Function):
+    """``act(x) @ weight.T + bias``, keeping ``x`` (and the weight) for backward; ``act(x)`` is recomputed there."""
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        s = torch.sigmoid(_QUICK_GELU_SCALE * x)
-        return grad * (s + _QUICK_GELU_SCALE * x * s * (1 - s))  # d/dx [x s(ax)] = s + a x s (1 - s)
+    def forward(ctx, x, weight, bias, activation):
+        device = x.device.type
+        ctx.activation = activation
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.linear(activation(x), weight, bias)  # under the caller's autocast, as the plain MLP
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            x_ = x.detach().requires_grad_()
+            activated = ctx.activation(x_)  # the forward's values, recomputed
+        flat_grad = grad.reshape(-1, grad.shape[-1])  # (B*T, out)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_activated = grad @ weight.to(grad.dtype)  # (..., intermediate)
+            (grad_x,) = torch.autograd.grad(activated, x_, grad_activated)
+        if ctx.needs_input_grad[1]:
+            flat_activated = activated.detach().reshape(-1, activated.shape[-1]).to(grad.dtype)
+            grad_weight = (flat_grad.t() @ flat_activated).to(weight.dtype)  # (out, intermediate)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0).to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None
 
 
-class LeanQuickGELU(nn.Module):
-    """``x * sigmoid(1.702 x)`` keeping only ``x`` for backward. Input and output: any shape, same dtype."""
+class LeanMLP(CLIPMLP):
+    """CLIP's MLP keeping only ``fc1``'s output for backward. Input and output ``(..., hidden_size)``.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return x * torch.sigmoid(_QUICK_GELU_SCALE * x)
-        return _QuickGELUFunction.apply(x)
+    Same parameters, names and checkpoint as `CLIPMLP`; built from one with [`LeanMLP.from_mlp`] (no copy).
+    """
+
+    @classmethod
+    def from_mlp(cls, mlp: CLIPMLP) -> LeanMLP:
+        lean = cls.__new__(cls)
+        nn.Module.__init__(lean)
+        lean.config, lean.activation_fn, lean.fc1, lean.fc2 = mlp.config, mlp.activation_fn, mlp.fc1, mlp.fc2
+        return lean
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.fc1(hidden_states)  # (..., intermediate)
+        if not (torch.is_grad_enabled() and hidden_states.requires_grad) or torch.compiler.is_compiling():
+            return self.fc2(self.activation_fn(hidden_states))
+        return _ActivationLinear.apply(hidden_states, self.fc2.weight, self.fc2.bias, self.activation_fn)
 
 
 def use_lean_activations(model: nn.Module) -> int:
-    """Replace every transformers ``QuickGELUActivation`` in ``model`` by [`LeanQuickGELU`]; returns how many."""
+    """Replace every transformers `CLIPMLP` in ``model`` by a [`LeanMLP`] sharing its layers; returns how many."""
     replaced = 0
     for module in model.modules():
         for name, child in module.named_children():
-            if type(child) is QuickGELUActivation:
-                setattr(module, name, LeanQuickGELU())
+            if type(child) is CLIPMLP:
+                setattr(module, name, LeanMLP.from_mlp(child))
                 replaced += 1
     return replaced

@@ -4,6 +4,8 @@ Only the vision embeddings differ from CLIP. In training (``model.train()``) wit
 ``k = max(1, int(N * (1 - mask_ratio)))`` patches chosen by [`glip_hf.masking`] plus the CLS token, so every
 encoder layer runs on ``k + 1`` tokens. The patch projection runs on the kept patches only. In eval mode the
 model is exactly CLIP; [`masked_inference`] turns masking on (or off) explicitly for evaluation.
+
+The attention layers are CLIP's with one training-time change, [`GLIPAttention`]: one fused q/k/v projection.
 """
 
 from __future__ import annotations
@@ -13,10 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers import initialization as init
-from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPVisionEmbeddings
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import (
+    CLIPAttention,
+    CLIPPreTrainedModel,
+    CLIPVisionEmbeddings,
+    eager_attention_forward,
+)
 
 from .configuration_glip import MASKING_FIELDS, GLIPConfig, GLIPVisionConfig
 from .masking import keep_indices_from_offset, masking_offset, num_kept_patches
@@ -100,6 +109,53 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         return self.interpolate_pos_encoding(shape_only, height, width)
 
 
+class GLIPAttention(CLIPAttention):
+    """CLIP's attention computing ``q``, ``k`` and ``v`` in one projection while training. Input ``(B, T, D)``.
+
+    CLIP projects with three separate layers; under autocast each casts the float32 layer-norm output to bf16
+    itself and keeps its own copy for backward (three ``(B, T, D)`` copies of the same values), and backward runs
+    three matrix products for the input gradient. With autograd recording, this layer projects once with the three
+    weights stacked, as open_clip does: one copy kept, one product each way, and the input gradient summed inside
+    the product. Without autograd (evaluation, inference) it runs CLIP's code unchanged, so an eval-mode model
+    gives CLIP's outputs bit for bit. Same parameters and checkpoint as `CLIPAttention`; what it saves:
+    ``benchmarks/activation_memory.py``.
+    """
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not torch.is_grad_enabled():
+            return super().forward(hidden_states, attention_mask, **kwargs)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([layer.weight for layer in projections])  # (3 D, D)
+        bias = torch.cat([layer.bias for layer in projections])  # (3 D,)
+        heads = (*hidden_states.shape[:-1], -1, self.head_dim)
+        queries, keys, values = (
+            part.view(heads).transpose(1, 2)  # (B, H, T, D / H)
+            for part in F.linear(hidden_states, weight, bias).chunk(3, dim=-1)
+        )
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention(
+            self,
+            queries,
+            keys,
+            values,
+            attention_mask,
+            scaling=self.scale,
+            dropout=self.dropout if self.training else 0.0,
+            **kwargs,
+        )  # (B, T, H, D / H)
+        return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+def _use_glip_attention(model: nn.Module) -> None:
+    """Put a [`GLIPAttention`] in place of every `CLIPAttention` of ``model`` (before its weights are initialised)."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is CLIPAttention:
+                setattr(module, name, GLIPAttention(child.config))
+
+
 class GLIPPreTrainedModel(CLIPPreTrainedModel):
     config: GLIPConfig
     config_class = GLIPConfig
@@ -130,6 +186,7 @@ class GLIPVisionModel(CLIPVisionModel, GLIPPreTrainedModel):
     def __init__(self, config: GLIPVisionConfig):
         super().__init__(config)
         self.embeddings = GLIPVisionEmbeddings(config)
+        _use_glip_attention(self)
         self.post_init()  # initialise the swapped module as CLIP does
 
 
@@ -150,7 +207,7 @@ class GLIPVisionModelWithProjection(CLIPVisionModelWithProjection, GLIPPreTraine
 
     def __init__(self, config: GLIPVisionConfig):
         super().__init__(config)
-        self.vision_model = GLIPVisionModel._from_config(config)
+        self.vision_model = GLIPVisionModel._from_config(config)  # its attention is GLIP's already
         self.post_init()
 
 
@@ -171,6 +228,7 @@ class GLIPModel(CLIPModel, GLIPPreTrainedModel):
     def __init__(self, config: GLIPConfig):
         super().__init__(config)
         self.vision_model = GLIPVisionModel._from_config(config.vision_config)
+        _use_glip_attention(self.text_model)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -228,6 +286,7 @@ def masked_inference(
 
 
 __all__ = [
+    "GLIPAttention",
     "GLIPModel",
     "GLIPPreTrainedModel",
     "GLIPVisionEmbeddings",

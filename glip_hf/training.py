@@ -211,14 +211,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
     if model_args.lean_activations:
         replaced = use_lean_activations(model)  # same function, same checkpoint; docs/benchmarks.md: what it buys
-        if replaced:
-            accelerator.print(f"--lean_activations: {replaced} quick_gelu activations keep only their input.")
-        else:
-            warnings.warn(
-                f"--lean_activations has no effect: the model's activation is "
-                f"{model.config.vision_config.hidden_act!r}, not quick_gelu.",
-                stacklevel=2,
-            )
+        accelerator.print(f"--lean_activations: {replaced} MLPs keep only their first layer's output for backward.")
     if training_args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if uses_fsdp(accelerator):

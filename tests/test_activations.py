@@ -1,65 +1,108 @@
-"""LeanQuickGELU: the same function as transformers' quick_gelu, with fewer tensors kept for backward."""
+"""LeanMLP: CLIP's MLP with one MLP-wide tensor kept for backward instead of three; the same function."""
 
+import pytest
 import torch
-from transformers.activations import QuickGELUActivation
+from transformers import CLIPTextConfig
+from transformers.models.clip.modeling_clip import CLIPMLP
 
-from glip_hf.activations import LeanQuickGELU, use_lean_activations
-
-
-def _saved_bytes(fn, x: torch.Tensor) -> int:
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        fn(x)
-    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}  # one storage once
-    return sum(unique.values())
+from glip_hf.activations import LeanMLP, use_lean_activations
 
 
-def test_forward_is_bit_identical_and_gradient_matches_in_float64():
-    x = torch.randn(4, 7, 33, dtype=torch.float64) * 4
-    assert torch.equal(LeanQuickGELU()(x), QuickGELUActivation()(x))
-    assert torch.autograd.gradcheck(LeanQuickGELU(), (x[:1, :2].clone().requires_grad_(),))
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    grad = torch.randn_like(x)
-    LeanQuickGELU()(a).backward(grad)
-    QuickGELUActivation()(b).backward(grad)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+def _saved_bytes(fn, *inputs: torch.Tensor) -> int:
+    """Bytes of the storages ``fn(*inputs)`` saves for backward, each storage once, parameters not counted."""
+    params = {p.untyped_storage().data_ptr() for p in getattr(fn, "parameters", list)()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(saved.values())
 
 
-def test_bfloat16_gradient_within_rounding():
-    x = (torch.randn(64, 256) * 3).to(torch.bfloat16)
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    grad = torch.randn_like(x)
-    LeanQuickGELU()(a).backward(grad)
-    QuickGELUActivation()(b).backward(grad)
-    exact = x.double().requires_grad_()
-    QuickGELUActivation()(exact).backward(grad.double())
-    # both within a few bf16 ulps of the exact gradient, scaled to its size
-    scale = exact.grad.abs().max()
-    assert (a.grad.double() - exact.grad).abs().max() <= 0.02 * scale
-    assert (b.grad.double() - exact.grad).abs().max() <= 0.02 * scale
+def _pair(act: str, dtype=torch.float64) -> tuple[CLIPMLP, LeanMLP]:
+    config = CLIPTextConfig(hidden_size=24, intermediate_size=40, hidden_act=act)
+    plain = CLIPMLP(config).to(dtype)
+    lean = LeanMLP.from_mlp(CLIPMLP(config).to(dtype))
+    lean.load_state_dict(plain.state_dict())
+    return plain, lean
 
 
-def test_keeps_half_the_activation_memory_for_backward():
-    x = torch.randn(8, 50, 96, requires_grad=True)
-    lean = _saved_bytes(LeanQuickGELU(), x)
-    plain = _saved_bytes(QuickGELUActivation(), x)
-    assert lean == x.numel() * 4 and plain == 2 * x.numel() * 4
+def _grads(mlp, x, grad):
+    x = x.clone().requires_grad_()
+    out = mlp(x)
+    out.backward(grad)
+    return out, [x.grad] + [p.grad for p in mlp.parameters()]
 
 
-def test_model_swap_keeps_outputs_and_counts(tmp_path):
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "relu"])
+def test_same_function_and_gradients_in_float64(act):
+    plain, lean = _pair(act)
+    x = torch.randn(3, 7, 24, dtype=torch.float64) * 2
+    grad = torch.randn(3, 7, 24, dtype=torch.float64)
+    out_plain, grads_plain = _grads(plain, x, grad)
+    out_lean, grads_lean = _grads(lean, x, grad)
+    assert torch.equal(out_plain, out_lean)  # the same operations forward
+    for a, b in zip(grads_plain, grads_lean):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lean, (x[:1, :2].clone().requires_grad_(),))
+
+
+def test_under_bfloat16_autocast_forward_is_identical_and_gradients_are_float32_within_rounding():
+    plain, lean = _pair("quick_gelu", torch.float32)
+    x = torch.randn(4, 9, 24)
+    grad = torch.randn(4, 9, 24, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_plain, grads_plain = _grads(plain, x, grad)
+        out_lean, grads_lean = _grads(lean, x, grad)
+    assert out_lean.dtype == torch.bfloat16 and torch.equal(out_plain, out_lean)
+    exact, _ = _pair("quick_gelu")
+    exact.load_state_dict(plain.state_dict())
+    _, grads_exact = _grads(exact, x.double(), grad.double())
+    for a, b, e in zip(grads_plain, grads_lean, grads_exact):
+        assert a.dtype == b.dtype == torch.float32  # parameter gradients in the parameters' dtype
+        scale = e.abs().max()  # both within bf16 rounding of the exact gradient, scaled to its size
+        assert (a.double() - e).abs().max() <= 0.03 * scale and (b.double() - e).abs().max() <= 0.03 * scale
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_keeps_one_mlp_wide_tensor_instead_of_three(autocast):
+    plain, lean = _pair("quick_gelu", torch.float32)
+    x = torch.randn(8, 5, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain_bytes, lean_bytes = _saved_bytes(plain, x), _saved_bytes(lean, x)
+    wide = 8 * 5 * 40 * (2 if autocast else 4)  # one (B, T, intermediate) tensor
+    # plain: fc1's output, quick_gelu's sigmoid and fc2's input (and, under autocast, a bf16 copy of fc2's weight)
+    weight_copy = 24 * 40 * 2 if autocast else 0
+    assert plain_bytes - lean_bytes == 2 * wide + weight_copy
+
+
+def test_no_graph_needed_means_the_plain_path():
+    _, lean = _pair("quick_gelu", torch.float32)
+    with torch.no_grad():
+        assert _saved_bytes(lean, torch.randn(2, 3, 24)) == 0
+        assert lean(torch.randn(2, 3, 24)).shape == (2, 3, 24)
+
+
+def test_model_swap_keeps_outputs_checkpoint_and_counts(tmp_path):
     from conftest import tiny_config
 
     from glip_hf import GLIPModel
 
     config = tiny_config(mask_ratio=0.0)
-    config.vision_config.hidden_act = config.text_config.hidden_act = "quick_gelu"
     model = GLIPModel(config).eval()
     ids = torch.randint(2, 90, (3, 12))
     pixels = torch.randn(3, 3, 30, 30)
     before = model(input_ids=ids, pixel_values=pixels)
+    keys = set(model.state_dict())
     layers = config.vision_config.num_hidden_layers + config.text_config.num_hidden_layers
     assert use_lean_activations(model) == layers
     assert use_lean_activations(model) == 0  # idempotent
+    assert set(model.state_dict()) == keys
     after = model(input_ids=ids, pixel_values=pixels)
     assert torch.equal(before.logits_per_image, after.logits_per_image)
     model.save_pretrained(tmp_path)  # no parameters change: the checkpoint is CLIP's
@@ -67,3 +110,16 @@ def test_model_swap_keeps_outputs_and_counts(tmp_path):
         GLIPModel.from_pretrained(tmp_path).eval()(input_ids=ids, pixel_values=pixels).logits_per_image,
         after.logits_per_image,
     )
+
+
+def test_lean_model_compiles_in_one_graph():
+    """Under torch.compile LeanMLP runs the plain MLP (the compiler picks what to keep): no graph break."""
+    from test_benchmarks import _small_model
+
+    model = _small_model(0.75)
+    use_lean_activations(model)
+    ids = torch.randint(2, 98, (4, 16))
+    ids[:, -1] = 99
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(4, 3, 32, 32), attention_mask=torch.ones_like(ids))
+    explained = torch._dynamo.explain(model)(**inputs)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

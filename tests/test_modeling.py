@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE, PATCH_SIZE, tiny_config
 from transformers import CLIPModel
+from transformers.models.clip.modeling_clip import CLIPAttention
 
 from glip_hf import GLIPModel, GLIPVisionModel, masked_inference, sample_keep_indices
 from glip_hf.hub import to_clip_config
 from glip_hf.masking import masking_offset, num_kept_patches
-from glip_hf.modeling_glip import GLIPVisionEmbeddings
+from glip_hf.modeling_glip import GLIPAttention, GLIPVisionEmbeddings
 
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 225
 
@@ -82,6 +83,72 @@ def test_eval_outputs_equal_clip_with_same_weights(model, inputs):
     ours, theirs = model(**inputs), clip(**inputs)
     torch.testing.assert_close(ours.logits_per_image, theirs.logits_per_image, atol=0, rtol=0)
     torch.testing.assert_close(ours.image_embeds, theirs.image_embeds, atol=0, rtol=0)
+
+
+def test_every_attention_layer_is_glips_and_the_checkpoint_is_clips(model):
+    kinds = [type(m) for m in model.modules() if isinstance(m, CLIPAttention)]
+    layers = model.config.vision_config.num_hidden_layers + model.config.text_config.num_hidden_layers
+    assert kinds == [GLIPAttention] * layers
+    assert set(model.state_dict()) == set(CLIPModel(to_clip_config(model.config)).state_dict())
+
+
+def _attention_pair(dtype=torch.float32):
+    config = tester.prepare()[0].text_config
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    clip = CLIPAttention(config).to(dtype)
+    glip = GLIPAttention(config).to(dtype)
+    glip.load_state_dict(clip.state_dict())
+    return clip, glip
+
+
+def _attention_step(layer, x, grad, autocast=False):
+    """Output, input gradient, parameter gradients and bytes saved for backward (parameters not counted)."""
+    layer.zero_grad()
+    inputs, saved = x.clone().requires_grad_(), {}
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, _ = layer(inputs * 1)  # not a leaf, like the layer norm's output: autocast caches no cast of it
+    out.backward(grad.to(out.dtype))
+    # k_proj.bias: its true gradient is 0 (softmax ignores a shift), what is left is rounding noise of either path
+    grads = [p.grad for name, p in layer.named_parameters() if name != "k_proj.bias"]
+    return out, inputs.grad, grads, sum(saved.values())
+
+
+def test_fused_projection_is_clips_attention_in_float64():
+    clip, glip = _attention_pair(torch.float64)
+    x, grad = torch.randn(5, 7, 32, dtype=torch.float64), torch.randn(5, 7, 32, dtype=torch.float64)
+    (out_c, dx_c, dw_c, _), (out_g, dx_g, dw_g, _) = _attention_step(clip, x, grad), _attention_step(glip, x, grad)
+    torch.testing.assert_close(out_g, out_c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx_g, dx_c, rtol=1e-12, atol=1e-12)
+    for a, b in zip(dw_g, dw_c):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no autograd: CLIP's own code, bit for bit
+        assert torch.equal(glip(x)[0], clip(x)[0])
+
+
+def test_fused_projection_keeps_one_input_copy_under_autocast_and_stays_within_bf16_rounding():
+    """CLIP's q/k/v projections each keep a bf16 copy of their input under autocast; the fused one keeps one."""
+    clip, glip = _attention_pair()
+    x, grad = torch.randn(5, 7, 32), torch.randn(5, 7, 32)
+    (out_c, dx_c, dw_c, bytes_c) = _attention_step(clip, x, grad, autocast=True)
+    (out_g, dx_g, dw_g, bytes_g) = _attention_step(glip, x, grad, autocast=True)
+    copy = 5 * 7 * 32 * 2  # one bf16 (B, T, D) copy of the input
+    weights = 3 * 32 * 32 * 2 - 3 * 32 * 32 * 2  # three bf16 weight copies either way, stacked or not
+    assert bytes_c - bytes_g == 2 * copy + weights
+    exact = _attention_step(_attention_pair(torch.float64)[0], x.double(), grad.double())
+    for ours, theirs, truth in zip((out_g, dx_g, *dw_g), (out_c, dx_c, *dw_c), (exact[0], exact[1], *exact[2])):
+        scale = truth.abs().max()  # both within bf16 rounding of the exact value, scaled to its size
+        assert (ours.double() - truth).abs().max() <= 0.03 * scale
+        assert (theirs.double() - truth).abs().max() <= 0.03 * scale
+    assert out_g.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in dw_g)
 
 
 def test_weights_initialise_as_clip():
