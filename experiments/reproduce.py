@@ -45,7 +45,9 @@ QUICK_OUT = ROOT / "experiments" / "runs" / "quick"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    from glip_hf.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--grid", default=str(DEFAULT_GRID), help="grid YAML")
     parser.add_argument("--quick", action="store_true", help="the grid's 2-cell tiny subset (CI)")
     parser.add_argument("--report", default=None, help="report path; its figures and cells/ go beside it in a folder")

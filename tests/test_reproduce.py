@@ -200,3 +200,16 @@ def test_own_data_report_says_nothing_about_the_built_in_captions(tmp_path):
     assert reproduce.main([*argv, "--class_names", str(names), "--per_device_train_batch_size", "2"]) == 0
     report = (tmp_path / "reproduction.md").read_text()
     assert "imagefolder" in report and "built-in captions" not in report
+
+
+def test_bad_flag_is_one_line_without_the_usage_block(capsys):
+    # argparse printed its multi-line usage block above the message
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.parse_args(["--jobs", "x"])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and "--jobs" in lines[0], lines
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.parse_args(["--help"])
+    assert stopped.value.code == 0
+    assert "usage:" in capsys.readouterr().out
