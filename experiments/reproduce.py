@@ -63,6 +63,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers; an empty value is an error, not the grid's seeds."""
+    if not text.replace(",", "").strip():
+        raise ValueError(f"--seeds {text!r} is empty: pass comma-separated integers (--seeds 0,1), or leave it out.")
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is invalid: expected comma-separated integers.") from None
+
+
 def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """``(report, figures-and-cells folder, runs folder)``."""
     if args.report:
@@ -174,11 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name):
             setattr(grid.eval, name, str(Path(getattr(args, name)).resolve()))
     grid.eval.caption_column = args.eval_caption_column or grid.eval.caption_column
-    if args.seeds:
-        try:
-            grid.seeds = [int(seed) for seed in args.seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"--seeds {args.seeds!r} is invalid: expected comma-separated integers.") from None
+    if args.seeds is not None:
+        grid.seeds = parse_seeds(args.seeds)
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs} is invalid: expected >= 1.")
     if args.threads < 1:

@@ -213,3 +213,15 @@ def test_bad_flag_is_one_line_without_the_usage_block(capsys):
         reproduce.parse_args(["--help"])
     assert stopped.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seeds", ["", " ", ",", " , "])
+def test_empty_seeds_is_a_one_line_error(tmp_path, capsys, seeds):
+    # --seeds '' fell back to the grid's seeds silently
+    report = tmp_path / "reproduction.md"
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.cli(["--seeds", seeds, "--report_only", "--report", str(report)])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--seeds" in lines[0] and "comma-separated integers (--seeds 0,1)" in lines[0], lines
+    assert not report.exists()
