@@ -87,6 +87,17 @@ def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     return report, report.with_suffix(""), runs
 
 
+def check_cells_to_report(cells_dir: Path) -> None:
+    """``--report_only`` needs finished cells: without any it would write an empty report over the existing one."""
+    from experiments.report import load_results
+
+    if not load_results(cells_dir):
+        raise FileNotFoundError(
+            f"--report_only: no finished cell JSON in {cells_dir}; run the grid first (the same command without "
+            "--report_only), or point --report at the report whose cells/ folder holds them."
+        )
+
+
 def plan_steps(grid: Grid, cells: list[Cell], runs: Path) -> tuple[dict[str, int | None], dict[str, dict]]:
     """Masked-stage steps of each arm (None: the configured ones) and the counted FLOPs per step of each arm.
 
@@ -191,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads} is invalid: expected >= 1.")
     report, folder, runs = resolve_paths(args)
+    if args.report_only:
+        check_cells_to_report(folder / "cells")
     cells = grid.cells()
     if args.arms:
         wanted = set(args.arms.split(","))
