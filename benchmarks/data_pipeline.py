@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from glip_hf import synthetic
+from glip_hf.cli import OneLineErrorParser
 from glip_hf.data import ImageTextCollator, normalize_pixels
 from glip_hf.tokenization import train_clip_tokenizer
 
@@ -296,7 +297,7 @@ def time_copies(device: torch.device, batch_size: int, repeats: int = 20) -> lis
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader worker counts to time")
     parser.add_argument("--batches_per_worker", type=int, default=24, help="timed batches per worker, each count")
     parser.add_argument(

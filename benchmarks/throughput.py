@@ -584,7 +584,9 @@ def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from glip_hf.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized towers (smoke test; figures meaningless)")
     parser.add_argument("--impls", type=_csv(str), default=["glip", "open_clip"])

@@ -45,7 +45,9 @@ QUICK_OUT = ROOT / "experiments" / "runs" / "quick"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    from glip_hf.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--grid", default=str(DEFAULT_GRID), help="grid YAML")
     parser.add_argument("--quick", action="store_true", help="the grid's 2-cell tiny subset (CI)")
     parser.add_argument("--report", default=None, help="report path; its figures and cells/ go beside it in a folder")
@@ -61,6 +63,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: comma-separated integers; an empty value is an error, not the grid's seeds."""
+    if not text.replace(",", "").strip():
+        raise ValueError(f"--seeds {text!r} is empty: pass comma-separated integers (--seeds 0,1), or leave it out.")
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r} is invalid: expected comma-separated integers.") from None
+
+
 def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
     """``(report, figures-and-cells folder, runs folder)``."""
     if args.report:
@@ -73,6 +85,17 @@ def resolve_paths(args: argparse.Namespace) -> tuple[Path, Path, Path]:
         report = DEFAULT_REPORT
     runs = Path(args.runs_dir) if args.runs_dir else (QUICK_OUT / "runs" if args.quick else ROOT / "experiments/runs")
     return report, report.with_suffix(""), runs
+
+
+def check_cells_to_report(cells_dir: Path) -> None:
+    """``--report_only`` needs finished cells: without any it would write an empty report over the existing one."""
+    from experiments.report import load_results
+
+    if not load_results(cells_dir):
+        raise FileNotFoundError(
+            f"--report_only: no finished cell JSON in {cells_dir}; run the grid first (the same command without "
+            "--report_only), or point --report at the report whose cells/ folder holds them."
+        )
 
 
 def plan_steps(grid: Grid, cells: list[Cell], runs: Path) -> tuple[dict[str, int | None], dict[str, dict]]:
@@ -172,16 +195,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name):
             setattr(grid.eval, name, str(Path(getattr(args, name)).resolve()))
     grid.eval.caption_column = args.eval_caption_column or grid.eval.caption_column
-    if args.seeds:
-        try:
-            grid.seeds = [int(seed) for seed in args.seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"--seeds {args.seeds!r} is invalid: expected comma-separated integers.") from None
+    if args.seeds is not None:
+        grid.seeds = parse_seeds(args.seeds)
     if args.jobs < 1:
         raise ValueError(f"--jobs {args.jobs} is invalid: expected >= 1.")
     if args.threads < 1:
         raise ValueError(f"--threads {args.threads} is invalid: expected >= 1.")
     report, folder, runs = resolve_paths(args)
+    if args.report_only:
+        check_cells_to_report(folder / "cells")
     cells = grid.cells()
     if args.arms:
         wanted = set(args.arms.split(","))

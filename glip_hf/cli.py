@@ -5,15 +5,18 @@ A mistake in the configuration (a ``ValueError``, or a ``FileNotFoundError`` / `
 line on stderr and the script exits with status 2, as argparse does; ``--debug`` (or ``GLIP_HF_DEBUG=1``) shows the
 full traceback instead. A run stopped by a preemption signal or by too many non-finite steps raises ``RunStopped``
 after it has left its checkpoints in order; the scripts print its one-line message and exit with its code. Any other
-exception is a bug and keeps its traceback.
+exception is a bug and keeps its traceback. ``OneLineErrorParser`` gives a bad flag the same one line, without
+argparse's usage block above it.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 CONFIG_ERROR_EXIT = 2  # argparse's status for a bad command line
@@ -34,10 +37,21 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
-def one_line(error: BaseException) -> str:
+def one_line(error: BaseException | str) -> str:
     """The error's message on a single line (a library's multi-line message is joined)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return " ".join(lines) or type(error).__name__
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors are one line, ``prog: error: message``, with exit status 2.
+
+    argparse prints its usage block above the message; the message already names the flag and the fix, and
+    ``--help`` (printed as usual) lists the flags.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(CONFIG_ERROR_EXIT, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None, prog: str | None = None) -> None:

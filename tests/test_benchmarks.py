@@ -2,6 +2,7 @@
 path on both implementations (figures are not checked: no timing asserts)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -132,6 +133,34 @@ def test_out_of_range_numbers_are_one_line_errors(capsys, flags, field):
         throughput.parse_args(["--device", "cpu", "--tiny", *flags])
     assert stopped.value.code == 2
     assert field in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_flag_is_one_line_without_the_usage_block(capsys):
+    # argparse printed its multi-line usage block above the message
+    for flags in (["--impls", "timm"], ["--steps", "x"]):  # the script's own check, and argparse's
+        with pytest.raises(SystemExit) as stopped:
+            throughput.parse_args(["--device", "cpu", "--tiny", *flags])
+        assert stopped.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and ": error: " in lines[0] and flags[0] in lines[0], lines
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--help"])
+    assert stopped.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_benchmark_command_lines_need_no_datasets():
+    # throughput.py runs in the open_clip environment, which has torch, transformers and accelerate, not datasets
+    code = (
+        "import sys; sys.modules['datasets'] = None; sys.path.insert(0, 'benchmarks'); "
+        "import throughput, data_pipeline; throughput.parse_args(['--device', 'cpu', '--tiny']); "
+        "data_pipeline.parse_args(['--quick'])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_unwritable_out_stops_before_the_benchmark(capsys, tmp_path):

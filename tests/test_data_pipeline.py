@@ -188,6 +188,23 @@ def test_benchmark_bad_numbers_are_one_line_errors(capsys, flags, field):
     assert field in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_benchmark_bad_flag_is_one_line_without_the_usage_block(capsys):
+    # argparse printed its multi-line usage block above the message
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import data_pipeline
+
+    for flags, field in ((["--workers", "0"], "--workers"), (["--shards", "x"], "--shards")):
+        with pytest.raises(SystemExit) as stopped:
+            data_pipeline.parse_args(flags)
+        assert stopped.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and ": error: " in lines[0] and field in lines[0], lines
+    with pytest.raises(SystemExit) as stopped:
+        data_pipeline.parse_args(["--help"])
+    assert stopped.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_benchmark_unknown_only_name_is_an_error(tmp_path):
     # --only with a name no pipeline has timed nothing and exited 0 with an empty table
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "data_pipeline.py"

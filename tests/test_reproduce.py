@@ -200,3 +200,47 @@ def test_own_data_report_says_nothing_about_the_built_in_captions(tmp_path):
     assert reproduce.main([*argv, "--class_names", str(names), "--per_device_train_batch_size", "2"]) == 0
     report = (tmp_path / "reproduction.md").read_text()
     assert "imagefolder" in report and "built-in captions" not in report
+
+
+def test_bad_flag_is_one_line_without_the_usage_block(capsys):
+    # argparse printed its multi-line usage block above the message
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.parse_args(["--jobs", "x"])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and "--jobs" in lines[0], lines
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.parse_args(["--help"])
+    assert stopped.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seeds", ["", " ", ",", " , "])
+def test_empty_seeds_is_a_one_line_error(tmp_path, capsys, seeds):
+    # --seeds '' fell back to the grid's seeds silently
+    report = tmp_path / "reproduction.md"
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.cli(["--seeds", seeds, "--report_only", "--report", str(report)])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--seeds" in lines[0] and "comma-separated integers (--seeds 0,1)" in lines[0], lines
+    assert not report.exists()
+
+
+@pytest.mark.parametrize("flag", ["--report", None])
+def test_report_only_without_cells_is_an_error_and_keeps_the_report(tmp_path, monkeypatch, capsys, flag):
+    # --report_only with no cell JSON overwrote the report (docs/reproduction.md by default) with an empty one
+    report = tmp_path / "docs" / "reproduction.md"
+    report.parent.mkdir()
+    report.write_text("# Reproduction\n\nthe finished grid's report\n")
+    cells = tmp_path / "docs" / "reproduction" / "cells"
+    cells.mkdir(parents=True)
+    (cells / "glip-75-seed0.json").write_text(json.dumps({"schema": 1, "complete": False}))  # still training
+    monkeypatch.setattr(reproduce, "DEFAULT_REPORT", report)
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.cli(["--report_only", *([flag, str(report)] if flag else [])])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--report_only" in lines[0] and str(cells) in lines[0], lines
+    assert "without --report_only" in lines[0]
+    assert report.read_text() == "# Reproduction\n\nthe finished grid's report\n"
