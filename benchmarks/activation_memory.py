@@ -77,14 +77,16 @@ class SavedTensors:
         return tensor
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[SavedTensors]:
+    def recording(self, attribute: bool = True) -> Iterator[SavedTensors]:
+        """Count inside the block; ``attribute=False`` adds no module hooks (a compiled model would recompile)."""
+
         def enter(label: str):
             return lambda *_: self._stack.append(label)  # returns None: the input is kept
 
         def leave(*_) -> None:
             self._stack.pop()
 
-        for name, module in self._model.named_modules():
+        for name, module in self._model.named_modules() if attribute else ():
             label = re.sub(r"\.\d+\.", ".*.", f".{name}.").strip(".") or type(module).__name__
             self._handles.append(module.register_forward_pre_hook(enter(label)))
             self._handles.append(module.register_forward_hook(leave))
@@ -101,17 +103,22 @@ class SavedTensors:
         return sum(self.storages.values())
 
 
-def build(variant: str, dims: Dims, setup: Setup) -> throughput.Variant:
+def build(variant: str, dims: Dims, setup: Setup, compile_model: bool = False) -> throughput.Variant:
     impl = "open_clip" if variant == "open_clip" else "glip"
     lever = "lean_activations" if variant == "glip+lean" else ""
-    return throughput.BUILDERS[impl](dims, setup, compile_model=False, lever=lever)
+    return throughput.BUILDERS[impl](dims, setup, compile_model=compile_model, lever=lever)
 
 
 def saved_bytes(built: throughput.Variant, dims: Dims, setup: Setup, batch: int) -> SavedTensors:
-    """What one forward pass (both towers and the loss) of ``built`` at ``batch`` saves for backward."""
+    """What one forward pass (both towers and the loss) of ``built`` at ``batch`` saves for backward. A compiled
+    model runs one step at this shape first, so that compiling happens outside the count."""
     images, input_ids = throughput._inputs(dims, batch, setup.device, count=1)[0]
+    compiled = hasattr(built.model, "_orig_mod")
+    if compiled:
+        built.forward_loss(images, input_ids).backward()
+        built.optimizer.zero_grad(set_to_none=True)
     counter = SavedTensors(built.unwrapped)
-    with counter.recording():
+    with counter.recording(attribute=not compiled):
         loss = built.forward_loss(images, input_ids)
     loss.backward()  # frees what was saved
     built.optimizer.zero_grad(set_to_none=True)
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> list[MemoryRow]:
     rows = []
     for variant in args.variants:
         try:
-            built = build(variant, dims, setup)
+            built = build(variant, dims, setup, compile_model=args.compile)
         except Exception as error:  # one implementation failing must not lose the others' rows
             rows += [MemoryRow(variant, ratio, error=f"build: {error!r}"[:400]) for ratio in args.ratios]
             continue
@@ -176,7 +183,9 @@ def format_table(rows: list[MemoryRow]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from glip_hf.cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="any device: the count does not depend on it")
     parser.add_argument("--tiny", action="store_true", help="tiny towers (smoke test)")
     parser.add_argument("--variants", type=throughput._csv(str), default=list(VARIANTS))
@@ -185,6 +194,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true", help="bytes per image by layer kind, at one ratio")
     parser.add_argument("--breakdown_ratio", type=float, default=0.75)
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="count what torch.compile'd models keep (static shapes; compiles once per batch size: minutes)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")
     args = parser.parse_args(argv)
     for variant in args.variants:
@@ -195,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--ratios: {ratio} is not in [0, 1)")
     if len(args.batches) != 2 or not 1 <= args.batches[0] < args.batches[1]:
         parser.error(f"--batches: {args.batches} is invalid; give two sizes, smaller first, e.g. 2,4")
+    if args.compile and args.breakdown:
+        parser.error("--breakdown needs eager models: module hooks do not run inside a compiled graph; drop one")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu (the count is the same)")
     if args.out is not None and not args.out.parent.is_dir():
@@ -210,6 +226,8 @@ def main(argv: list[str] | None = None) -> list[MemoryRow]:
         except Exception as error:
             print(f"open_clip side left out: it does not import here ({error!r:.200}).", file=sys.stderr)
             args.variants = [v for v in args.variants if v != "open_clip"]
+    if args.compile:  # static shapes, as a training run at one mask ratio sees them (throughput.py does the same)
+        torch._dynamo.config.automatic_dynamic_shapes = False
     info = throughput.environment(Setup(args.device, bf16=not args.fp32))
     print(json.dumps(info), flush=True)
     rows = run(args)

@@ -171,3 +171,53 @@ def test_unwritable_out_stops_before_the_benchmark(capsys, tmp_path):
         throughput.parse_args(["--device", "cpu", "--tiny", "--out", str(blocker / "x.json")])
     assert stopped.value.code == 2
     assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_activation_memory_counts_both_implementations(tmp_path):
+    """benchmarks/activation_memory.py on tiny towers, both sides in one process (the open_clip environment): every
+    variant measured at every ratio, fewer bytes per image as the ratio rises, and the lean MLP below the plain."""
+    out = tmp_path / "memory.json"
+    command = [str(open_clip_python()), str(ROOT / "benchmarks" / "activation_memory.py"), "--tiny"]
+    command += ["--ratios", "0,0.75", "--breakdown", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(row["impl"], row["ratio"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(v, r) for v in ("glip", "glip+lean", "open_clip") for r in (0.0, 0.75)}
+    assert not any(row["error"] for row in rows.values()), [row["error"] for row in rows.values()]
+    for variant in ("glip", "glip+lean", "open_clip"):
+        assert 0 < rows[variant, 0.75]["per_image_mib"] < rows[variant, 0.0]["per_image_mib"]
+    for ratio in (0.0, 0.75):
+        assert rows["glip+lean", ratio]["per_image_mib"] < rows["glip", ratio]["per_image_mib"]
+        assert rows["glip", ratio]["vs_open_clip"] > 0
+    breakdown = rows["glip", 0.75]["breakdown"]  # attributed to layers, layer numbers folded
+    assert any(".layers.*.mlp" in name for name in breakdown) and not rows["glip", 0.0]["breakdown"]
+
+
+def test_activation_memory_bad_flags_are_one_line(capsys):
+    import activation_memory
+
+    with pytest.raises(SystemExit) as stopped:
+        activation_memory.parse_args(["--batches", "4,2"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batches" in err[0]
+
+
+def test_compile_mode_is_checked_and_labels_its_rows(capsys):
+    args = throughput.parse_args(["--device", "cpu", "--tiny", "--compile_mode", "reduce-overhead"])
+    assert args.compile_mode == "reduce-overhead"
+    assert throughput.mode_label("compile", args.compile_mode) == "compile/reduce-overhead"
+    assert throughput.mode_label("compile", "default") == throughput.mode_label("compile", None) == "compile"
+    assert throughput.mode_label("eager", "reduce-overhead") == "eager"  # eager rows are eager whatever the mode
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--device", "cpu", "--tiny", "--compile_mode", "fast"])
+    assert stopped.value.code == 2 and "--compile_mode" in capsys.readouterr().err
+
+
+def test_activation_memory_breakdown_needs_eager_models(capsys):
+    import activation_memory
+
+    with pytest.raises(SystemExit) as stopped:
+        activation_memory.parse_args(["--compile", "--breakdown"])
+    assert stopped.value.code == 2
+    assert "--breakdown" in capsys.readouterr().err.strip().splitlines()[-1]
