@@ -17,7 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.models.clip.modeling_clip import CLIPMLP
+
+from .modeling_glip import is_plain_linear
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -33,6 +36,7 @@ class _ActivationLinear(torch.autograd.Function):
         return F.linear(activation(x), weight, bias)  # under the caller's autocast, as the plain MLP
 
     @staticmethod
+    @once_differentiable  # the recomputed activation is detached: a second derivative would miss terms
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
@@ -67,7 +71,8 @@ class LeanMLP(CLIPMLP):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)  # (..., intermediate)
-        if not (torch.is_grad_enabled() and hidden_states.requires_grad) or torch.compiler.is_compiling():
+        plain = not (torch.is_grad_enabled() and hidden_states.requires_grad) or not is_plain_linear(self.fc2)
+        if plain or torch.compiler.is_compiling():  # a wrapped or hooked fc2 (e.g. LoRA) must be called, not read
             return self.fc2(self.activation_fn(hidden_states))
         return _ActivationLinear.apply(hidden_states, self.fc2.weight, self.fc2.bias, self.activation_fn)
 
