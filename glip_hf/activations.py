@@ -69,10 +69,21 @@ class LeanMLP(CLIPMLP):
         lean.config, lean.activation_fn, lean.fc1, lean.fc2 = mlp.config, mlp.activation_fn, mlp.fc1, mlp.fc2
         return lean
 
+    def _recomputes(self, hidden_states: torch.Tensor) -> bool:
+        """Whether backward may recompute the activation: autograd records, eager mode, an ``fc2`` that is read
+        rather than called (`is_plain_linear`: not a LoRA wrapper, no hooks), an activation without trainable
+        parameters (backward differentiates it by its input only)."""
+        return (
+            torch.is_grad_enabled()
+            and hidden_states.requires_grad
+            and not torch.compiler.is_compiling()
+            and is_plain_linear(self.fc2)
+            and not any(p.requires_grad for p in getattr(self.activation_fn, "parameters", tuple)())
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)  # (..., intermediate)
-        plain = not (torch.is_grad_enabled() and hidden_states.requires_grad) or not is_plain_linear(self.fc2)
-        if plain or torch.compiler.is_compiling():  # a wrapped or hooked fc2 (e.g. LoRA) must be called, not read
+        if not self._recomputes(hidden_states):
             return self.fc2(self.activation_fn(hidden_states))
         return _ActivationLinear.apply(hidden_states, self.fc2.weight, self.fc2.bias, self.activation_fn)
 

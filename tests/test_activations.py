@@ -104,6 +104,19 @@ def test_a_wrapped_or_hooked_fc2_is_run_not_bypassed():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("act", ["prelu", "xielu"])
+def test_an_activation_with_parameters_gets_their_gradients(act):
+    """Backward differentiates the recomputed activation by its input only: an activation with parameters of its
+    own (``prelu``, ``xielu``) must take the plain path, or its parameters silently get no gradient."""
+    plain, lean = _pair(act)
+    x, grad = torch.randn(3, 7, 24, dtype=torch.float64), torch.randn(3, 7, 24, dtype=torch.float64)
+    (_, grads_plain), (_, grads_lean) = _grads(plain, x, grad), _grads(lean, x, grad)
+    for a, b in zip(grads_plain, grads_lean, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_no_graph_needed_means_the_plain_path():
     _, lean = _pair("quick_gelu", torch.float32)
     with torch.no_grad():
