@@ -4,7 +4,8 @@ CLIP's MLP is ``fc2(act(fc1(x)))``. For backward, autograd keeps ``fc1``'s outpu
 the activation keeps besides (``quick_gelu``, ``x * sigmoid(1.702 x)``, keeps ``sigmoid(1.702 x)`` too) and the
 activation's output (``fc2``'s input): three ``(B, T, intermediate)`` tensors per layer, the widest ones of the step.
 open_clip's ViT-B/16 (``nn.GELU``) keeps two. [`LeanMLP`] keeps only ``fc1``'s output and recomputes the activation
-in backward (one extra elementwise pass over it), for any activation. Forward values are bit-identical (the same
+in backward (one extra elementwise pass over it), for any activation without trainable parameters of its own
+(one with them, e.g. ``prelu``, runs the plain MLP). Forward values are bit-identical (the same
 operations); gradients are equal up to rounding. What it buys and costs: ``benchmarks/activation_memory.py`` and
 ``docs/benchmarks.md``.
 
