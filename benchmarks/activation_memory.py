@@ -80,16 +80,24 @@ class SavedTensors:
     def recording(self, attribute: bool = True) -> Iterator[SavedTensors]:
         """Count inside the block; ``attribute=False`` adds no module hooks (a compiled model would recompile)."""
 
-        def enter(label: str):
-            return lambda *_: self._stack.append(label)  # returns None: the input is kept
+        # Global module hooks, not hooks on each module: a hooked linear layer is called, not read, by GLIPAttention
+        # and LeanMLP (`glip_hf.modeling_glip.is_plain_linear`), so per-module hooks would change what is counted.
+        labels = {
+            id(module): re.sub(r"\.\d+\.", ".*.", f".{name}.").strip(".") or type(module).__name__
+            for name, module in (self._model.named_modules() if attribute else ())
+        }
 
-        def leave(*_) -> None:
-            self._stack.pop()
+        def enter(module, *_) -> None:  # returns None: the input is kept
+            if id(module) in labels:
+                self._stack.append(labels[id(module)])
 
-        for name, module in self._model.named_modules() if attribute else ():
-            label = re.sub(r"\.\d+\.", ".*.", f".{name}.").strip(".") or type(module).__name__
-            self._handles.append(module.register_forward_pre_hook(enter(label)))
-            self._handles.append(module.register_forward_hook(leave))
+        def leave(module, *_) -> None:
+            if id(module) in labels:
+                self._stack.pop()
+
+        if labels:
+            self._handles.append(torch.nn.modules.module.register_module_forward_pre_hook(enter))
+            self._handles.append(torch.nn.modules.module.register_module_forward_hook(leave))
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor):
                 yield self
@@ -201,6 +209,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")
     args = parser.parse_args(argv)
+    for flag in ("variants", "ratios"):
+        if not getattr(args, flag):
+            parser.error(f"--{flag}: empty; give at least one, comma-separated")
+    if args.breakdown and args.breakdown_ratio not in args.ratios:
+        ratios = ",".join(map(str, args.ratios))
+        parser.error(f"--breakdown_ratio {args.breakdown_ratio} is not one of --ratios {ratios}: nothing to show")
     for variant in args.variants:
         if variant not in VARIANTS:
             parser.error(f"--variants: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")

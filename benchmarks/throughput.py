@@ -580,7 +580,11 @@ def format_table(rows: list[Row]) -> str:
 
 
 def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
-    return lambda text: [kind(part) for part in text.split(",") if part]
+    def parse(text: str) -> list:
+        return [kind(part) for part in text.split(",") if part]
+
+    parse.__name__ = f"comma-separated {kind.__name__}"  # argparse's message: "invalid comma-separated int value"
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,8 @@ CLIP's MLP is ``fc2(act(fc1(x)))``. For backward, autograd keeps ``fc1``'s outpu
 the activation keeps besides (``quick_gelu``, ``x * sigmoid(1.702 x)``, keeps ``sigmoid(1.702 x)`` too) and the
 activation's output (``fc2``'s input): three ``(B, T, intermediate)`` tensors per layer, the widest ones of the step.
 open_clip's ViT-B/16 (``nn.GELU``) keeps two. [`LeanMLP`] keeps only ``fc1``'s output and recomputes the activation
-in backward (one extra elementwise pass over it), for any activation. Forward values are bit-identical (the same
+in backward (one extra elementwise pass over it), for any activation without trainable parameters of its own
+(one with them, e.g. ``prelu``, runs the plain MLP). Forward values are bit-identical (the same
 operations); gradients are equal up to rounding. What it buys and costs: ``benchmarks/activation_memory.py`` and
 ``docs/benchmarks.md``.
 
@@ -17,7 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers.models.clip.modeling_clip import CLIPMLP
+
+from .modeling_glip import is_plain_linear
 
 
 class _ActivationLinear(torch.autograd.Function):
@@ -33,6 +37,7 @@ class _ActivationLinear(torch.autograd.Function):
         return F.linear(activation(x), weight, bias)  # under the caller's autocast, as the plain MLP
 
     @staticmethod
+    @once_differentiable  # the recomputed activation is detached: a second derivative would miss terms
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
@@ -65,9 +70,21 @@ class LeanMLP(CLIPMLP):
         lean.config, lean.activation_fn, lean.fc1, lean.fc2 = mlp.config, mlp.activation_fn, mlp.fc1, mlp.fc2
         return lean
 
+    def _recomputes(self, hidden_states: torch.Tensor) -> bool:
+        """Whether backward may recompute the activation: autograd records, eager mode, an ``fc2`` that is read
+        rather than called (`is_plain_linear`: not a LoRA wrapper, no hooks), an activation without trainable
+        parameters (backward differentiates it by its input only)."""
+        return (
+            torch.is_grad_enabled()
+            and hidden_states.requires_grad
+            and not torch.compiler.is_compiling()
+            and is_plain_linear(self.fc2)
+            and not any(p.requires_grad for p in getattr(self.activation_fn, "parameters", tuple)())
+        )
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)  # (..., intermediate)
-        if not (torch.is_grad_enabled() and hidden_states.requires_grad) or torch.compiler.is_compiling():
+        if not self._recomputes(hidden_states):
             return self.fc2(self.activation_fn(hidden_states))
         return _ActivationLinear.apply(hidden_states, self.fc2.weight, self.fc2.bias, self.activation_fn)
 

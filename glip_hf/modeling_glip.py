@@ -109,6 +109,13 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         return self.interpolate_pos_encoding(shape_only, height, width)
 
 
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether calling ``layer`` is exactly ``F.linear(x, layer.weight, layer.bias)``: an `nn.Linear` itself, not a
+    subclass or wrapper (a LoRA layer, a quantised one), with no forward hooks. Code that reads the weights instead of
+    calling the layer must check this, or it silently computes another function."""
+    return type(layer) is nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+
+
 class GLIPAttention(CLIPAttention):
     """CLIP's attention computing ``q``, ``k`` and ``v`` in one projection while training. Input ``(B, T, D)``.
 
@@ -117,16 +124,17 @@ class GLIPAttention(CLIPAttention):
     three matrix products for the input gradient. With autograd recording, this layer projects once with the three
     weights stacked, as open_clip does: one copy kept, one product each way, and the input gradient summed inside
     the product. Without autograd (evaluation, inference) it runs CLIP's code unchanged, so an eval-mode model
-    gives CLIP's outputs bit for bit. Same parameters and checkpoint as `CLIPAttention`; what it saves:
+    gives CLIP's outputs bit for bit; so does a wrapped or hooked projection (e.g. LoRA), which is called,
+    not read. Same parameters and checkpoint as `CLIPAttention`; what it saves:
     ``benchmarks/activation_memory.py``.
     """
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not torch.is_grad_enabled():
-            return super().forward(hidden_states, attention_mask, **kwargs)
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        if not torch.is_grad_enabled() or not all(map(is_plain_linear, projections)):
+            return super().forward(hidden_states, attention_mask, **kwargs)
         weight = torch.cat([layer.weight for layer in projections])  # (3 D, D)
         bias = torch.cat([layer.bias for layer in projections])  # (3 D,)
         heads = (*hidden_states.shape[:-1], -1, self.head_dim)

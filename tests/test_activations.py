@@ -81,6 +81,42 @@ def test_keeps_one_mlp_wide_tensor_instead_of_three(autocast):
     assert plain_bytes - lean_bytes == 2 * wide + weight_copy
 
 
+def test_second_derivatives_are_refused_not_wrong():
+    """The recomputed activation is detached in backward: a gradient of the gradient (a gradient penalty,
+    ``create_graph=True``) would miss terms, so it must fail loudly."""
+    _, lean = _pair("quick_gelu")
+    x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(lean(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.pow(2).sum().backward()
+
+
+def test_a_wrapped_or_hooked_fc2_is_run_not_bypassed():
+    """``fc2`` is called by the autograd function through its weight; a layer that is not a plain linear one (a
+    forward hook, a LoRA-style wrapper) must run as in the plain MLP."""
+    plain, lean = _pair("quick_gelu")
+    for mlp in (plain, lean):
+        mlp.fc2.register_forward_hook(lambda module, args, out: out * 2)
+    x, grad = torch.randn(3, 7, 24, dtype=torch.float64), torch.randn(3, 7, 24, dtype=torch.float64)
+    (out_plain, grads_plain), (out_lean, grads_lean) = _grads(plain, x, grad), _grads(lean, x, grad)
+    assert torch.equal(out_plain, out_lean)
+    for a, b in zip(grads_plain, grads_lean):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", ["prelu", "xielu"])
+def test_an_activation_with_parameters_gets_their_gradients(act):
+    """Backward differentiates the recomputed activation by its input only: an activation with parameters of its
+    own (``prelu``, ``xielu``) must take the plain path, or its parameters silently get no gradient."""
+    plain, lean = _pair(act)
+    x, grad = torch.randn(3, 7, 24, dtype=torch.float64), torch.randn(3, 7, 24, dtype=torch.float64)
+    (_, grads_plain), (_, grads_lean) = _grads(plain, x, grad), _grads(lean, x, grad)
+    for a, b in zip(grads_plain, grads_lean, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_no_graph_needed_means_the_plain_path():
     _, lean = _pair("quick_gelu", torch.float32)
     with torch.no_grad():

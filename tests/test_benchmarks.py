@@ -214,6 +214,26 @@ def test_compile_mode_is_checked_and_labels_its_rows(capsys):
     assert stopped.value.code == 2 and "--compile_mode" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ratios", ""], "--ratios: empty"),
+        (["--variants", ","], "--variants: empty"),
+        (["--breakdown", "--breakdown_ratio", "0.3"], "--breakdown_ratio 0.3 is not one of --ratios"),
+        (["--batches", "a,b"], "invalid comma-separated int value: 'a,b'"),
+    ],
+)
+def test_activation_memory_nothing_to_measure_is_a_one_line_error(capsys, flags, message):
+    """An empty list ran the whole script (building ViT-B/16) to print an empty table; a breakdown ratio not
+    measured printed no breakdown; both say so now."""
+    import activation_memory
+
+    with pytest.raises(SystemExit) as stopped:
+        activation_memory.parse_args(flags)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_activation_memory_breakdown_needs_eager_models(capsys):
     import activation_memory
 

@@ -151,6 +151,40 @@ def test_fused_projection_keeps_one_input_copy_under_autocast_and_stays_within_b
     assert out_g.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in dw_g)
 
 
+class _LoRALinear(torch.nn.Module):
+    """A linear layer wrapped the way peft's LoRA wraps one: the base layer plus a low-rank term; ``weight`` and
+    ``bias`` are the base layer's."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_a = torch.nn.Linear(base.in_features, rank, bias=False, dtype=base.weight.dtype)
+        self.lora_b = torch.nn.Linear(rank, base.out_features, bias=False, dtype=base.weight.dtype)
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_b(self.lora_a(x))
+
+
+def test_a_wrapped_or_hooked_projection_is_run_not_bypassed_while_training():
+    """The fused projection reads q/k/v's weights; a projection that is not a plain linear layer (a LoRA wrapper, a
+    forward hook) must still run, or training would silently compute another function than evaluation."""
+    clip, glip = _attention_pair(torch.float64)
+    torch.manual_seed(1)
+    for layer in (clip, glip):
+        layer.q_proj = _LoRALinear(layer.q_proj)
+        layer.v_proj.register_forward_hook(lambda module, args, out: out * 2)
+    glip.load_state_dict(clip.state_dict())
+    x, grad = torch.randn(5, 7, 32, dtype=torch.float64), torch.randn(5, 7, 32, dtype=torch.float64)
+    (out_c, dx_c, dw_c, _), (out_g, dx_g, dw_g, _) = _attention_step(clip, x, grad), _attention_step(glip, x, grad)
+    torch.testing.assert_close(out_g, out_c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx_g, dx_c, rtol=1e-12, atol=1e-12)
+    for a, b in zip(dw_g, dw_c, strict=True):  # the LoRA factors' gradients too
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_weights_initialise_as_clip():
     config = tiny_config(mask_ratio=0.5)
     config.vision_config.hidden_size = config.text_config.hidden_size = 64
