@@ -16,10 +16,10 @@ synchronises the device around each step, and reports the median over the timed 
 * ``mask_share``: for GLIP, the time of drawing the masks and gathering the kept tokens (forward and backward,
   timed alone at the step's shapes) over the step time.
 
-``--levers`` adds GLIP rows at one configuration with one setting changed each (foreach instead of fused AdamW,
-the run's gradient-norm check and clipping, no text attention mask, `glip_hf.activations.LeanQuickGELU`);
-``--max_batch`` searches the largest batch
-that fits per variant (doubling from the largest of ``--batches``).
+``--levers`` adds GLIP rows at one configuration (``--lever_modes``: eager, compiled or both) with one setting changed
+each (foreach instead of fused AdamW, the run's gradient-norm check and clipping, no text attention mask,
+`glip_hf.activations.LeanMLP`); ``--max_batch`` searches the largest batch that fits per variant (doubling from the
+largest of ``--batches``); ``--compile_mode`` picks torch.compile's mode for every compiled row.
 
 Run (one H200; well over 15 minutes: each of the 16 compiled rows spends 36-92 s compiling, see
 benchmarks/results/h200_compile.json)::
@@ -477,11 +477,19 @@ def run_grid(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[
 
 
 def run_levers(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
-    """GLIP at ``--lever_batch`` / ``--lever_ratio``, eager, one setting changed per row (a baseline row first)."""
-    for lever in args.levers:
-        row, variant = Row("glip", args.lever_ratio, args.lever_batch, "eager", lever=lever), None
+    """GLIP at ``--lever_batch`` / ``--lever_ratio``, in each of ``--lever_modes``, one setting changed per row (a
+    baseline row first)."""
+    for mode, lever in ((mode, lever) for mode in args.lever_modes for lever in args.levers):
+        label = mode_label(mode, args.compile_mode)
+        row, variant = Row("glip", args.lever_ratio, args.lever_batch, label, lever=lever), None
         try:
-            variant = GlipVariant(dims, setup, compile_model=False, lever="" if lever == "baseline" else lever)
+            variant = GlipVariant(
+                dims,
+                setup,
+                compile_model=mode == "compile",
+                lever="" if lever == "baseline" else lever,
+                compile_mode=args.compile_mode,
+            )
             variant.set_ratio(args.lever_ratio)
             time_steps(variant, row, dims, setup, args.warmup, args.steps, args.peak_tflops)
         except Exception as error:
@@ -609,6 +617,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--lever_batch", type=int, default=None, help="default: the largest of --batches")
     parser.add_argument("--lever_ratio", type=float, default=0.75)
+    parser.add_argument("--lever_modes", type=_csv(str), default=["eager"], help="eager and/or compile")
     parser.add_argument("--max_batch", action="store_true", help="search the largest batch that fits (eager)")
     parser.add_argument("--max_batch_limit", type=int, default=16384)
     parser.add_argument("--dynamic", action="store_true", help="let torch.compile make shapes dynamic on change")
@@ -653,6 +662,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if value < low:
             parser.error(f"{flag}: {value} is invalid; expected >= {low}")
+    for mode in args.lever_modes:
+        if mode not in ("eager", "compile"):
+            parser.error(f"--lever_modes: unknown mode {mode!r}; choose eager and/or compile")
     if not 0 <= args.lever_ratio < 1:
         parser.error(f"--lever_ratio: {args.lever_ratio} is not in [0, 1)")
     if not args.peak_tflops > 0:
@@ -711,7 +723,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             payload = {"environment": info, "args": _jsonable(vars(args)), "rows": [asdict(r) for r in rows]}
             args.out.write_text(json.dumps(payload, indent=1))
 
-    if args.levers:  # first: a few eager rows, kept if a long compiled grid is cut short
+    if args.levers:  # first: a few rows at one configuration, kept if a long grid is cut short
         run_levers(args, dims, setup, emit)
     run_grid(args, dims, setup, emit)
     if args.max_batch:

@@ -9,8 +9,9 @@ in backward (one extra elementwise pass over it), for any activation without tra
 operations); gradients are equal up to rounding. What it buys and costs: ``benchmarks/activation_memory.py`` and
 ``docs/benchmarks.md``.
 
-Under ``torch.compile`` [`LeanMLP`] runs the plain MLP: the compiler decides what backward keeps and recomputes
-cheap elementwise work itself.
+Under ``torch.compile`` the compiler plans what backward keeps for the whole graph, so there [`LeanMLP`] runs the
+activation and ``fc2`` as a selective activation checkpoint (``torch.utils.checkpoint``): recompute the activation,
+never the matrix products. Same tensors kept as in eager mode.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from .modeling_glip import is_plain_linear
@@ -71,22 +73,48 @@ class LeanMLP(CLIPMLP):
         return lean
 
     def _recomputes(self, hidden_states: torch.Tensor) -> bool:
-        """Whether backward may recompute the activation: autograd records, eager mode, an ``fc2`` that is read
-        rather than called (`is_plain_linear`: not a LoRA wrapper, no hooks), an activation without trainable
-        parameters (backward differentiates it by its input only)."""
+        """Whether backward may recompute the activation: autograd records, an ``fc2`` that is read rather than
+        called (`is_plain_linear`: not a LoRA wrapper, no hooks), an activation without trainable parameters
+        (backward differentiates it by its input only)."""
         return (
             torch.is_grad_enabled()
             and hidden_states.requires_grad
-            and not torch.compiler.is_compiling()
             and is_plain_linear(self.fc2)
             and not any(p.requires_grad for p in getattr(self.activation_fn, "parameters", tuple)())
         )
 
+    def _activation_fc2(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(hidden_states))
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.fc1(hidden_states)  # (..., intermediate)
         if not self._recomputes(hidden_states):
-            return self.fc2(self.activation_fn(hidden_states))
+            return self._activation_fc2(hidden_states)
+        if torch.compiler.is_compiling():
+            # The compiler plans what backward keeps for the whole graph (it would merge a recomputation written
+            # in backward with the forward's); a selective checkpoint tells it to recompute the activation.
+            return checkpoint(
+                self._activation_fc2, hidden_states, use_reentrant=False, context_fn=_recompute_all_but_matmuls
+            )
         return _ActivationLinear.apply(hidden_states, self.fc2.weight, self.fc2.bias, self.activation_fn)
+
+
+_MATMULS = frozenset(
+    {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.baddbmm.default,
+    }
+)
+
+
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _recompute_all_but_matmuls():
+    return create_selective_checkpoint_contexts(_save_matmuls)
 
 
 def use_lean_activations(model: nn.Module) -> int:

@@ -159,3 +159,32 @@ def test_lean_model_compiles_in_one_graph():
     inputs = dict(input_ids=ids, pixel_values=torch.randn(4, 3, 32, 32), attention_mask=torch.ones_like(ids))
     explained = torch._dynamo.explain(model)(**inputs)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu", "relu"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_under_torch_compile_the_activation_is_recomputed_not_kept(act, autocast):
+    """Compiled, LeanMLP is a selective activation checkpoint: the compiler's plan keeps fc1's output and recomputes
+    the activation (one graph); gradients as eager. (backend aot_eager: AOTAutograd's plan without inductor's code
+    generation, which takes minutes here; inductor's plan is counted by benchmarks/activation_memory.py --compile.)"""
+    torch._dynamo.reset()
+    plain, lean = _pair(act, torch.float32)
+    x, grad = torch.randn(8, 5, 24), torch.randn(8, 5, 24)
+    compiled = {
+        name: torch.compile(mlp, backend="aot_eager", fullgraph=True)
+        for name, mlp in (("plain", plain), ("lean", lean))
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for mlp in compiled.values():
+            _grads(mlp, x, grad)  # compile outside the count
+        inputs = x.clone().requires_grad_()
+        saved = {name: _saved_bytes(mlp, inputs) for name, mlp in compiled.items()}
+        eager_lean = _saved_bytes(lean, inputs)
+        _, eager_grads = _grads(plain, x, grad)
+        _, compiled_grads = _grads(compiled["lean"], x, grad)
+    assert saved["lean"] == eager_lean  # the same tensors as the eager LeanMLP
+    if act != "relu":  # relu's backward needs only its output, which fc2 keeps anyway: nothing to gain
+        assert saved["plain"] - saved["lean"] >= 8 * 5 * 40 * (2 if autocast else 4)  # one wide tensor or more
+    for a, b in zip(eager_grads, compiled_grads):
+        scale = a.abs().max()
+        assert (b - a).abs().max() <= (1e-2 if autocast else 1e-5) * scale

@@ -241,3 +241,13 @@ def test_activation_memory_breakdown_needs_eager_models(capsys):
         activation_memory.parse_args(["--compile", "--breakdown"])
     assert stopped.value.code == 2
     assert "--breakdown" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_lever_modes_are_checked(capsys):
+    assert throughput.parse_args(["--device", "cpu", "--tiny", "--lever_modes", "eager,compile"]).lever_modes == [
+        "eager",
+        "compile",
+    ]
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--device", "cpu", "--tiny", "--lever_modes", "jit"])
+    assert stopped.value.code == 2 and "--lever_modes" in capsys.readouterr().err
