@@ -5,7 +5,7 @@ Only the vision embeddings differ from CLIP. In training (``model.train()``) wit
 encoder layer runs on ``k + 1`` tokens. The patch projection runs on the kept patches only. In eval mode the
 model is exactly CLIP; [`masked_inference`] turns masking on (or off) explicitly for evaluation.
 
-The attention layers are CLIP's with one training-time change, [`GLIPAttention`]: one fused q/k/v projection.
+The attention layers are CLIP's with one change in training mode, [`GLIPAttention`]: one fused q/k/v projection.
 """
 
 from __future__ import annotations
@@ -121,19 +121,21 @@ class GLIPAttention(CLIPAttention):
 
     CLIP projects with three separate layers; under autocast each casts the float32 layer-norm output to bf16
     itself and keeps its own copy for backward (three ``(B, T, D)`` copies of the same values), and backward runs
-    three matrix products for the input gradient. With autograd recording, this layer projects once with the three
-    weights stacked, as open_clip does: one copy kept, one product each way, and the input gradient summed inside
-    the product. Without autograd (evaluation, inference) it runs CLIP's code unchanged, so an eval-mode model
-    gives CLIP's outputs bit for bit; so does a wrapped or hooked projection (e.g. LoRA), which is called,
-    not read. Same parameters and checkpoint as `CLIPAttention`; what it saves:
-    ``benchmarks/activation_memory.py``.
+    three matrix products for the input gradient. In training mode this layer projects once with the three weights
+    stacked, as open_clip does: one copy kept, one product each way, and the input gradient summed inside the
+    product (values equal to CLIP's up to rounding). It does so with or without autograd, so that the two passes of
+    feature-cached accumulation (`glip_hf.step.train_step`) compute the same features. In eval mode it runs CLIP's
+    code unchanged, so an eval-mode model gives CLIP's outputs bit for bit, gradients too; so does a wrapped or
+    hooked projection (e.g. LoRA), which is called, not read. Same parameters and checkpoint as `CLIPAttention`;
+    what it saves: ``benchmarks/activation_memory.py``. In float32 training without autocast the stacked weight is
+    kept for backward (``3 D x D`` floats per layer; under autocast it replaces the three bf16 copies kept anyway).
     """
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        if not torch.is_grad_enabled() or not all(map(is_plain_linear, projections)):
+        if not self.training or not all(map(is_plain_linear, projections)):
             return super().forward(hidden_states, attention_mask, **kwargs)
         weight = torch.cat([layer.weight for layer in projections])  # (3 D, D)
         bias = torch.cat([layer.bias for layer in projections])  # (3 D,)

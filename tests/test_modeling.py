@@ -130,8 +130,11 @@ def test_fused_projection_is_clips_attention_in_float64():
     torch.testing.assert_close(dx_g, dx_c, rtol=1e-12, atol=1e-12)
     for a, b in zip(dw_g, dw_c):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    with torch.no_grad():  # no autograd: CLIP's own code, bit for bit
-        assert torch.equal(glip(x)[0], clip(x)[0])
+    glip.eval(), clip.eval()  # eval mode: CLIP's own code, bit for bit, with autograd too (saliency, attacks)
+    assert torch.equal(glip(x)[0], clip(x)[0])
+    _, dx_c, dw_c, _ = _attention_step(clip, x, grad)
+    _, dx_g, dw_g, _ = _attention_step(glip, x, grad)
+    assert torch.equal(dx_g, dx_c) and all(torch.equal(a, b) for a, b in zip(dw_g, dw_c))
 
 
 def test_fused_projection_keeps_one_input_copy_under_autocast_and_stays_within_bf16_rounding():
@@ -183,6 +186,32 @@ def test_a_wrapped_or_hooked_projection_is_run_not_bypassed_while_training():
     torch.testing.assert_close(dx_g, dx_c, rtol=1e-12, atol=1e-12)
     for a, b in zip(dw_g, dw_c, strict=True):  # the LoRA factors' gradients too
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_training_mode_projects_the_same_way_with_and_without_autograd(inputs):
+    """Feature-cached accumulation encodes each micro-batch twice, without then with autograd: both passes must take
+    the same code path (the stacked q/k/v projection in training mode, CLIP's three in eval mode), or the cached
+    features differ from the recomputed ones by rounding on the GPU."""
+    from torch.overrides import TorchFunctionMode
+
+    class LinearShapes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.weights = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                self.weights.add(tuple(args[1].shape))
+            return func(*args, **(kwargs or {}))
+
+    config, _ = tester.prepare()
+    model = GLIPModel(config)
+    stacked = (3 * 32, 32)  # (3 D, D): the three projections in one product
+    for training, grad in ((True, False), (True, True), (False, False), (False, True)):
+        model.train(training)
+        with LinearShapes() as seen, torch.set_grad_enabled(grad):
+            model(**inputs)
+        assert (stacked in seen.weights) == training, (training, grad)
 
 
 def test_weights_initialise_as_clip():
