@@ -263,25 +263,25 @@ class GlipVariant(Variant):
         self.optimizer.zero_grad(set_to_none=True)
 
     def mask_time(self, batch: int, repeats: int) -> float:
-        """Seconds of drawing one batch of masks and gathering the kept patches and positions, forward and backward.
+        """Seconds of drawing one batch of masks and gathering the kept patches (from the images) and positions, as
+        the model does (`glip_hf.masking.gather_patches`), with the positions' backward (pixels need none).
 
-        Timed alone at the step's shapes (float32, as under autocast: the gathers precede the matmul)."""
-        from glip_hf.masking import keep_indices_from_offset
+        Timed alone at the step's shapes, float32 (as under autocast: the gathers precede the matmul)."""
+        from glip_hf.masking import gather_patches, keep_indices_from_offset
 
         embeddings = self.unwrapped.vision_model.embeddings
         offset = embeddings.mask_offset
         k = kept_patches(offset.numel(), self.ratio)
         p, d, device = self.dims.patch_size, self.dims.vision_width, self.setup.device
-        patches = torch.randn(batch, offset.numel(), 3 * p * p, device=device, requires_grad=True)
+        images = torch.randn(batch, 3, self.dims.image_size, self.dims.image_size, device=device)
         positions = torch.randn(1, offset.numel(), d, device=device, requires_grad=True)
-        grad_patches = torch.randn(batch, k, 3 * p * p, device=device)
         grad_positions = torch.randn(batch, k, d, device=device)
 
         def once() -> None:
             keep = keep_indices_from_offset(batch, offset, k)  # (B, k)
-            kept = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            gather_patches(images, keep, p)  # (B, k, 3 p p)
             kept_positions = positions.expand(batch, -1, -1).gather(1, keep.unsqueeze(-1).expand(-1, -1, d))
-            torch.autograd.grad((kept, kept_positions), (patches, positions), (grad_patches, grad_positions))
+            torch.autograd.grad(kept_positions, positions, grad_positions)
 
         return _median_seconds(once, self.setup, repeats)
 

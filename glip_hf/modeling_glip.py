@@ -28,7 +28,7 @@ from transformers.models.clip.modeling_clip import (
 )
 
 from .configuration_glip import MASKING_FIELDS, GLIPConfig, GLIPVisionConfig
-from .masking import keep_indices_from_offset, masking_offset, num_kept_patches
+from .masking import gather_patches, keep_indices_from_offset, masking_offset, num_kept_patches
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         spec = self.active_masking()
         if spec is None:
             return super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        batch_size, channels, height, width = pixel_values.shape
+        batch_size, _, height, width = pixel_values.shape
         if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
             raise ValueError(
                 f"Input image size ({height}*{width}) doesn't match model ({self.image_size}*{self.image_size})."
@@ -88,10 +88,7 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
 
         # The stride-p convolution equals a linear map on flattened p x p patches: project only the kept ones.
         weight = self.patch_embedding.weight  # (D, C, p, p)
-        pixels = pixel_values[:, :, : grid[0] * p, : grid[1] * p].to(weight.dtype)
-        patches = pixels.reshape(batch_size, channels, grid[0], p, grid[1], p)
-        patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(batch_size, num_patches, -1)  # (B, N, C*p*p)
-        patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, k, C*p*p)
+        patches = gather_patches(pixel_values, keep, p).to(weight.dtype)  # (B, k, C*p*p)
         patch_embeds = patches @ weight.flatten(1).t()  # (B, k, D)
 
         positions = self._position_table(num_patches, height, width, interpolate_pos_encoding)  # (1, 1 + N, D)

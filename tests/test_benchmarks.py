@@ -251,3 +251,16 @@ def test_lever_modes_are_checked(capsys):
     with pytest.raises(SystemExit) as stopped:
         throughput.parse_args(["--device", "cpu", "--tiny", "--lever_modes", "jit"])
     assert stopped.value.code == 2 and "--lever_modes" in capsys.readouterr().err
+
+
+def test_patch_embedding_benchmark_runs_and_checks_its_flags(capsys):
+    import patch_embedding
+
+    patch_embedding.main(["--batch", "2", "--repeats", "1", "--ratios", "0.75,0.918", "--device", "cpu"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["ratio"] for row in rows] == [0.75, 0.918] and all(row["ms"] > 0 for row in rows)
+    for flags in (["--ratios", "0"], ["--ratios", "x"], ["--ratios", ","], ["--batch", "0"]):
+        with pytest.raises(SystemExit) as stopped:
+            patch_embedding.main(flags)
+        assert stopped.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

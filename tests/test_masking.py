@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from glip_hf.masking import (
+    gather_patches,
     gaussian_prior,
     keep_frequency,
     num_kept_patches,
@@ -27,6 +28,25 @@ def test_indices_are_distinct_sorted_and_in_range():
     assert keep.min() >= 0 and keep.max() < 35
     assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)
     assert torch.equal(keep, keep.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gather_patches_reads_the_kept_patches_in_convolution_order(channels_last):
+    """Each gathered row is patch (r, c) of its image, flattened (channel, row, column) like a Conv2d weight; a
+    ragged border (H, W not multiples of p) is ignored; any memory layout of the input."""
+    p, rows, cols = 4, 3, 5
+    pixels = torch.arange(2 * 3 * (rows * p + 2) * (cols * p + 3), dtype=torch.float64)
+    pixels = pixels.reshape(2, 3, rows * p + 2, cols * p + 3)
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    keep = sample_keep_indices(2, (rows, cols), 0.6, generator=torch.Generator().manual_seed(0))  # (2, 6)
+    gathered = gather_patches(pixels, keep, p)
+    assert gathered.shape == (2, keep.shape[1], 3 * p * p)
+    for b in range(2):
+        for j, index in enumerate(keep[b].tolist()):
+            r, c = divmod(index, cols)
+            expected = pixels[b, :, r * p : (r + 1) * p, c * p : (c + 1) * p].reshape(-1)
+            assert torch.equal(gathered[b, j], expected)
 
 
 def test_generator_reproducibility():

@@ -93,6 +93,26 @@ def keep_indices_from_offset(
     return scores.topk(num_keep, dim=-1).indices.sort(dim=-1).values
 
 
+def gather_patches(pixel_values: torch.Tensor, keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The kept ``p x p`` patches of each image, flattened as a patch convolution's weight is (channel, row, column).
+
+    Reads only the kept patches: the image is indexed through a strided view, no copy of all its patches is made.
+
+    Args:
+        pixel_values: ``(B, C, H, W)``; rows and columns beyond the last whole patch are ignored.
+        keep: ``(B, k)`` indices into the row-major patch grid (from [`keep_indices_from_offset`]).
+    Returns:
+        ``(B, k, C * p * p)``.
+    """
+    batch, channels, height, width = pixel_values.shape
+    p = patch_size
+    rows, cols = height // p, width // p
+    grid = pixel_values[:, :, : rows * p, : cols * p].unflatten(3, (cols, p)).unflatten(2, (rows, p))
+    grid = grid.permute(0, 2, 4, 1, 3, 5)  # (B, rows, cols, C, p, p), a view
+    images = torch.arange(batch, device=keep.device).unsqueeze(1)  # (B, 1)
+    return grid[images, keep // cols, keep % cols].flatten(2)  # (B, k, C * p * p)
+
+
 def sample_keep_indices(
     batch_size: int,
     grid_size: GridSize,
