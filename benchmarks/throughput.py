@@ -662,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if value < low:
             parser.error(f"{flag}: {value} is invalid; expected >= {low}")
+    if not args.lever_modes or len(set(args.lever_modes)) < len(args.lever_modes):
+        parser.error(f"--lever_modes: {','.join(args.lever_modes)!r} is invalid; pass eager and/or compile, once each")
     for mode in args.lever_modes:
         if mode not in ("eager", "compile"):
             parser.error(f"--lever_modes: unknown mode {mode!r}; choose eager and/or compile")

@@ -248,9 +248,10 @@ def test_lever_modes_are_checked(capsys):
         "eager",
         "compile",
     ]
-    with pytest.raises(SystemExit) as stopped:
-        throughput.parse_args(["--device", "cpu", "--tiny", "--lever_modes", "jit"])
-    assert stopped.value.code == 2 and "--lever_modes" in capsys.readouterr().err
+    for modes in ("jit", ",", "eager,eager"):  # unknown, none (no lever row would run), repeated
+        with pytest.raises(SystemExit) as stopped:
+            throughput.parse_args(["--device", "cpu", "--tiny", "--levers", "--lever_modes", modes])
+        assert stopped.value.code == 2 and "--lever_modes" in capsys.readouterr().err
 
 
 def test_patch_embedding_benchmark_runs_and_checks_its_flags(capsys):
