@@ -10,8 +10,9 @@ operations); gradients are equal up to rounding. What it buys and costs: ``bench
 ``docs/benchmarks.md``.
 
 Under ``torch.compile`` the compiler plans what backward keeps for the whole graph, so there [`LeanMLP`] runs the
-activation and ``fc2`` as a selective activation checkpoint (``torch.utils.checkpoint``): recompute the activation,
-never the matrix products. Same tensors kept as in eager mode.
+activation and ``fc2`` as an activation checkpoint (``torch.utils.checkpoint``): the compiler recomputes what
+backward needs of the region, the activation (backward never needs ``fc2``'s product). Same tensors kept as in eager
+mode.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 from transformers.models.clip.modeling_clip import CLIPMLP
 
 from .modeling_glip import is_plain_linear
@@ -92,29 +93,11 @@ class LeanMLP(CLIPMLP):
             return self._activation_fc2(hidden_states)
         if torch.compiler.is_compiling():
             # The compiler plans what backward keeps for the whole graph (it would merge a recomputation written
-            # in backward with the forward's); a selective checkpoint tells it to recompute the activation.
-            return checkpoint(
-                self._activation_fc2, hidden_states, use_reentrant=False, context_fn=_recompute_all_but_matmuls
-            )
+            # in backward with the forward's); a checkpoint tells it to recompute the region's tensors backward
+            # needs: the activation's output. No custom policy: one that saved fc2's product made the compiler keep
+            # it inside transformers' gradient checkpointing, and torch warns about any custom policy.
+            return checkpoint(self._activation_fc2, hidden_states, use_reentrant=False)
         return _ActivationLinear.apply(hidden_states, self.fc2.weight, self.fc2.bias, self.activation_fn)
-
-
-_MATMULS = frozenset(
-    {
-        torch.ops.aten.mm.default,
-        torch.ops.aten.addmm.default,
-        torch.ops.aten.bmm.default,
-        torch.ops.aten.baddbmm.default,
-    }
-)
-
-
-def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.MUST_RECOMPUTE
-
-
-def _recompute_all_but_matmuls():
-    return create_selective_checkpoint_contexts(_save_matmuls)
 
 
 def use_lean_activations(model: nn.Module) -> int:

@@ -149,7 +149,7 @@ def test_model_swap_keeps_outputs_checkpoint_and_counts(tmp_path):
 
 
 def test_lean_model_compiles_in_one_graph():
-    """Under torch.compile LeanMLP runs the plain MLP (the compiler picks what to keep): no graph break."""
+    """Under torch.compile LeanMLP's selective checkpoint traces into the model's one graph: no graph break."""
     from test_benchmarks import _small_model
 
     model = _small_model(0.75)
@@ -188,3 +188,65 @@ def test_under_torch_compile_the_activation_is_recomputed_not_kept(act, autocast
     for a, b in zip(eager_grads, compiled_grads):
         scale = a.abs().max()
         assert (b - a).abs().max() <= (1e-2 if autocast else 1e-5) * scale
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_under_torch_compile_backward_recomputes_no_matrix_product(autocast):
+    """Compiled, backward recomputes the activation and no matrix product (fc2's would be a silent slowdown).
+    Counted in the backward graph AOTAutograd hands the compiler: as many products as the plain MLP's, one more
+    activation."""
+    from collections import Counter
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    def ops_of_backward(mlp) -> Counter:
+        graphs = []
+
+        def backend(module, inputs):
+            def keep(graph, _):
+                graphs.append(graph)
+                return make_boxed_func(graph)
+
+            return aot_module_simplified(
+                module, inputs, fw_compiler=lambda graph, _: make_boxed_func(graph), bw_compiler=keep
+            )
+
+        torch._dynamo.reset()
+        x = torch.randn(8, 5, 24, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            torch.compile(mlp, backend=backend, fullgraph=True)(x).sum().backward()
+        (graph,) = graphs
+        return Counter(node.target.__name__ for node in graph.graph.nodes if node.op == "call_function")
+
+    plain, lean = _pair("quick_gelu", torch.float32)
+    plain_ops, lean_ops = ops_of_backward(plain), ops_of_backward(lean)
+    products = ("mm.default", "addmm.default", "bmm.default", "baddbmm.default", "linear.default", "matmul.default")
+    assert [lean_ops[op] for op in products] == [plain_ops[op] for op in products]
+    assert lean_ops["sigmoid.default"] == plain_ops["sigmoid.default"] + 1  # the activation, recomputed
+
+
+def test_under_torch_compile_with_gradient_checkpointing_lean_keeps_no_more_than_plain(monkeypatch):
+    """Inside transformers' gradient checkpointing (each encoder layer recomputed in backward) LeanMLP's own
+    checkpoint must not make the compiler keep anything the plain layers do not; and it warns users of nothing they
+    could act on (torch warns about in-place ops when a checkpoint under compile is given a custom policy)."""
+    from test_benchmarks import _small_model
+
+    warnings = []
+    monkeypatch.setattr(torch._higher_order_ops.wrap, "warning_once", lambda *args: warnings.append(args))
+    ids = torch.randint(2, 98, (4, 16))
+    ids[:, -1] = 99
+    inputs = (ids, torch.randn(4, 3, 32, 32), torch.ones_like(ids))  # input_ids, pixel_values, attention_mask
+    saved = {}
+    for lean in (False, True):
+        torch._dynamo.reset()
+        model = _small_model(0.0)
+        if lean:
+            use_lean_activations(model)
+        model.gradient_checkpointing_enable()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(*inputs).logits_per_image.sum().backward()  # compile outside the count
+            saved[lean] = _saved_bytes(compiled, *inputs)
+    assert saved[True] <= saved[False]
+    assert not warnings
