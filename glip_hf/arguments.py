@@ -57,7 +57,7 @@ class ModelArguments:
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})
     lean_activations: bool = field(
         default=False,
-        metadata={"help": "MLPs keep one wide tensor for backward, not three: less memory, a little slower (eager)"},
+        metadata={"help": "MLPs keep one wide tensor for backward, not three: less memory; recomputes the activation"},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "allow init_from / tokenizer_name to run code from their folder or repo"}
