@@ -650,6 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
     if args.batches is None:
         args.batches = [8] if args.tiny else [256, 1024]
+    for flag in ("impls", "modes", "ratios", "batches"):  # an empty list ran nothing; a repeat ran rows twice
+        values = getattr(args, flag)
+        if not values or len(set(values)) < len(values):
+            parser.error(f"--{flag}: {','.join(map(str, values))!r} is invalid; list each value once, comma-separated")
     if min(args.batches) < 1:
         parser.error(f"--batches: {min(args.batches)} is invalid; every batch must be >= 1")
     if args.lever_batch is None:

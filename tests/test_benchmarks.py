@@ -265,3 +265,15 @@ def test_patch_embedding_benchmark_runs_and_checks_its_flags(capsys):
             patch_embedding.main(flags)
         assert stopped.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--impls", "--modes", "--ratios", "--batches"])
+@pytest.mark.parametrize("value", [",", "REPEAT"])
+def test_empty_or_repeated_lists_are_one_line_errors(capsys, flag, value):
+    # `--modes ,` ran nothing and printed an empty table; `--ratios 0.5,0.5` timed every row twice
+    repeated = {"--impls": "glip,glip", "--modes": "eager,eager", "--ratios": "0.5,0.5", "--batches": "8,8"}
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--device", "cpu", "--tiny", flag, repeated[flag] if value == "REPEAT" else value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]
