@@ -38,7 +38,7 @@ from .data import (
     make_image_processor,
     prepare_for_decoding,
 )
-from .launch import check_launch
+from .launch import check_launch, use_cores_on_cpu
 from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
 from .seeding import derive_seed
@@ -521,6 +521,7 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
         raise ValueError(f"--mask_draws {args.mask_draws} is invalid: expected >= 1.")
     accelerator = accelerator or Accelerator(cpu=args.cpu)
     check_launch(accelerator)
+    use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread otherwise
     model, tokenizer, image_processor = loaded or load_model_for_eval(
         args.model, accelerator.device, args.trust_remote_code
     )
@@ -616,6 +617,7 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
         raise ValueError(f"{path}: needs a non-empty 'entries:' list of tasks.")
     accelerator = accelerator or Accelerator(cpu=args.cpu)
     check_launch(accelerator)
+    use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread otherwise
     defaults = {**asdict(args), **{k: v for k, v in spec.items() if k != "entries"}, "suite": None}
     if args.model is not None:
         defaults["model"] = args.model  # the command line wins over the suite file

@@ -79,3 +79,11 @@ def use_available_cores() -> int:
     if launcher_chose_threads():
         torch.set_num_threads(cpu_threads_per_process())
     return torch.get_num_threads()
+
+
+def use_cores_on_cpu(accelerator: Accelerator) -> int:
+    """`use_available_cores` for a process that computes on the CPU (on a GPU the cores belong to the DataLoader
+    workers); what training and evaluation call right after `check_launch`. Returns the thread count in effect."""
+    if accelerator.device.type == "cpu":
+        return use_available_cores()
+    return torch.get_num_threads()

@@ -49,7 +49,7 @@ from .data import (
     prepare_for_decoding,
     training_batches,
 )
-from .launch import check_launch, use_available_cores
+from .launch import check_launch, use_cores_on_cpu
 from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
@@ -178,8 +178,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         step_scheduler_with_optimizer=False,
     )
     check_launch(accelerator)
-    if accelerator.device.type == "cpu":  # on a GPU the cores belong to the DataLoader workers
-        use_available_cores()  # accelerate launch leaves a CPU process one thread unless the user said otherwise
+    use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread unless the user said otherwise
     # Everything a user can get wrong about the run directory or the starting point fails here, before any write.
     run_config = to_flat_dict(model_args, data_args, training_args)
     plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)

@@ -141,6 +141,25 @@ def test_accelerate_launch_gets_every_core_unless_the_user_set_the_threads(tmp_p
     assert launched_threads(tmp_path, {}, ("--num-cpu-threads-per-process", "1")) == 1
 
 
+def test_evaluation_under_accelerate_launch_gets_every_core_too(tmp_path):
+    """run_eval.py's path (`evaluate_model`) claims the cores as training does, before it loads the model."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import torch\n"
+        "from glip_hf.arguments import EvalArguments\n"
+        "from glip_hf.evaluation import evaluate_model\n"
+        "try:\n"
+        "    evaluate_model(EvalArguments(model='no-such-model-dir', cpu=True))\n"
+        "except (OSError, ValueError):\n"
+        "    pass  # the model does not exist: the threads were set before loading it\n"
+        "print('threads', torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"PYTHONPATH": str(ROOT)}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", str(probe)]
+    out = subprocess.run(launch, env=env, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert int(out.split("threads")[-1].split()[0]) == cpu_threads_per_process()
+
+
 def test_the_benchmark_smoke_run_writes_its_table(tmp_path):
     out = tmp_path / "bench.json"
     command = [
