@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         wanted = set(args.arms.split(","))
         unknown = wanted - set(grid.arms)
         if unknown:
-            raise SystemExit(f"--arms: unknown arm(s) {sorted(unknown)}; the grid has {list(grid.arms)}.")
+            raise ValueError(f"--arms: unknown arm(s) {sorted(unknown)}; the grid has {list(grid.arms)}.")
         cells = [c for c in cells if c.arm in wanted]
     failed = []
     if not args.report_only:
@@ -223,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--arms: these arms need the built-in data; drop --dataset_name or pick others.")
             check_eval_data(runs / cells[0].name, data_args, grid.eval)  # before any cell trains
         failed = run_grid(grid, cells, folder / "cells", runs, args.jobs, args.threads)
-    from experiments.report import write_report
+    from experiments.report import load_results, write_report
 
+    failures = f"; failed cells: {', '.join(failed)} (see {runs}/<cell>.log)" if failed else ""
+    if not load_results(folder / "cells"):  # every cell failed: an earlier report is worth more than a placeholder
+        print(f"No finished cell in {folder / 'cells'}: {report} left as it was{failures}")
+        return 1 if failed else 0
     write_report(folder / "cells", report, grid, quick=args.quick)
-    print(f"Wrote {report}" + (f"; failed cells: {', '.join(failed)} (see {runs}/<cell>.log)" if failed else ""))
+    print(f"Wrote {report}{failures}")
     return 1 if failed else 0
 
 

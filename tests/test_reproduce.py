@@ -144,9 +144,23 @@ def test_own_dataset_skips_the_built_in_data_arms(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_unknown_arm_is_one_line(tmp_path):
-    with pytest.raises(SystemExit, match="unknown arm"):
-        reproduce.main(_quick(tmp_path, "--arms", "nope"))
+def test_unknown_arm_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:  # it exited 1 with a bare message
+        reproduce.cli(_quick(tmp_path, "--arms", "nope"))
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reproduce.py: error: --arms: unknown arm(s) ['nope']"), lines
+
+
+def test_a_grid_whose_cells_all_fail_keeps_the_earlier_report(tmp_path, monkeypatch, capsys):
+    """Every cell failing wrote the "No finished cell yet" placeholder over the report. (The cells' failure is
+    simulated: what is tested is what the runner writes afterwards.)"""
+    report = tmp_path / "reproduction.md"
+    report.write_text("# Reproduction\n\nthe earlier grid's report\n")
+    monkeypatch.setattr(reproduce, "run_grid", lambda grid, cells, *rest: [c.name for c in cells])
+    assert reproduce.main(_quick(tmp_path)) == 1
+    assert report.read_text() == "# Reproduction\n\nthe earlier grid's report\n"
+    assert "left as it was; failed cells:" in capsys.readouterr().out
 
 
 def _own_imagefolder(root: Path) -> Path:
