@@ -277,3 +277,20 @@ def test_empty_or_repeated_lists_are_one_line_errors(capsys, flag, value):
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0]
+
+
+def test_op_count_counts_both_implementations(tmp_path):
+    """benchmarks/op_count.py on tiny towers in the open_clip environment: both sides, forward and backward counted,
+    views among them, and the same count at every masked ratio (k changes shapes, not the operators)."""
+    out = tmp_path / "ops.json"
+    command = [str(open_clip_python()), str(ROOT / "benchmarks" / "op_count.py"), "--tiny", "--ratios", "0.5,0.75"]
+    result = subprocess.run(command + ["--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["ratio"]) for r in rows} == {(i, q) for i in ("glip", "open_clip") for q in (0.5, 0.75)}
+    for r in rows:
+        for half in ("forward", "backward"):
+            assert 0 < r[half]["not_views"] < r[half]["all"]
+    for impl in ("glip", "open_clip"):
+        half, three_quarters = (r for r in rows if r["impl"] == impl)
+        assert half["forward"] == three_quarters["forward"] and half["backward"] == three_quarters["backward"]
