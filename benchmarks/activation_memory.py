@@ -133,12 +133,14 @@ def saved_bytes(built: throughput.Variant, dims: Dims, setup: Setup, batch: int)
     return counter
 
 
-def measure(built: throughput.Variant, row: MemoryRow, dims: Dims, setup: Setup, batches: tuple[int, int]) -> None:
+def measure(
+    built: throughput.Variant, row: MemoryRow, dims: Dims, setup: Setup, batches: tuple[int, int], breakdown: bool
+) -> None:
     small, large = (saved_bytes(built, dims, setup, batch) for batch in batches)
     per_image = (large.total - small.total) / (batches[1] - batches[0])
     row.per_image_mib = per_image / MIB
     row.fixed_mib = (small.total - per_image * batches[0]) / MIB
-    if row.breakdown is not None:
+    if breakdown:
         names = set(small.by_module) | set(large.by_module)
         slope = {n: (large.by_module[n] - small.by_module[n]) / (batches[1] - batches[0]) / MIB for n in names}
         row.breakdown = {n: round(v, 4) for n, v in sorted(slope.items(), key=lambda kv: -kv[1]) if v > 0}
@@ -156,13 +158,12 @@ def run(args: argparse.Namespace) -> list[MemoryRow]:
             continue
         for ratio in args.ratios:
             row = MemoryRow(variant, ratio)
-            row.breakdown = {} if args.breakdown and ratio == args.breakdown_ratio else None
             try:
                 built.set_ratio(ratio)
-                measure(built, row, dims, setup, tuple(args.batches))
+                breakdown = args.breakdown and ratio == args.breakdown_ratio
+                measure(built, row, dims, setup, tuple(args.batches), breakdown)
             except Exception as error:
                 row.error = repr(error)[:400]
-            row.breakdown = row.breakdown or {}
             rows.append(row)
             print(json.dumps(asdict(row)), flush=True)
         built.close()

@@ -12,11 +12,10 @@ Figures in docs/benchmarks.md, with the machine.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import torch
+from throughput import Setup, _median_seconds
 
 
 def time_embeddings(batch: int, ratio: float, device: str, repeats: int, image_size: int = 224) -> float:
@@ -31,18 +30,7 @@ def time_embeddings(batch: int, ratio: float, device: str, repeats: int, image_s
     def once() -> None:
         embeddings(pixels).sum().backward()
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        once()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return _median_seconds(once, Setup(device, bf16=False), repeats)
 
 
 def main(argv: list[str] | None = None) -> None:

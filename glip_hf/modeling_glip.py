@@ -149,7 +149,7 @@ class GLIPAttention(CLIPAttention):
             values,
             attention_mask,
             scaling=self.scale,
-            dropout=self.dropout if self.training else 0.0,
+            dropout=self.dropout,  # this path runs in training mode only
             **kwargs,
         )  # (B, T, H, D / H)
         return self.out_proj(output.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights

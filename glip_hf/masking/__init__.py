@@ -104,7 +104,7 @@ def gather_patches(pixel_values: torch.Tensor, keep: torch.Tensor, patch_size: i
     Returns:
         ``(B, k, C * p * p)``.
     """
-    batch, channels, height, width = pixel_values.shape
+    batch, _, height, width = pixel_values.shape
     p = patch_size
     rows, cols = height // p, width // p
     grid = pixel_values[:, :, : rows * p, : cols * p].unflatten(3, (cols, p)).unflatten(2, (rows, p))
