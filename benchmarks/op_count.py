@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if "open_clip" in args.impls:
+        try:
+            import open_clip  # noqa: F401
+        except Exception as error:
+            print(f"open_clip side left out: it does not import here ({error!r:.200}).", file=sys.stderr)
+            args.impls = [impl for impl in args.impls if impl != "open_clip"]
+            if not args.impls:
+                parser.error("--impls open_clip: open_clip does not import here; nothing to count")
     dims, setup = (TINY if args.tiny else VITB16), Setup(args.device, bf16=True)
     info = throughput.environment(setup)
     rows = []

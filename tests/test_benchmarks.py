@@ -279,6 +279,26 @@ def test_empty_or_repeated_lists_are_one_line_errors(capsys, flag, value):
     assert len(err) == 1 and flag in err[0]
 
 
+def test_op_count_without_open_clip_counts_glip_and_says_so(tmp_path, capsys):
+    """Where open_clip does not import, op_count.py counts the GLIP side and says so (it ended in a traceback);
+    asking for open_clip alone is a one-line error with exit 2."""
+    try:
+        import open_clip  # noqa: F401
+
+        pytest.skip("open_clip imports in this environment")
+    except Exception:
+        pass
+    import op_count
+
+    rows = op_count.main(["--tiny", "--ratios", "0.5", "--out", str(tmp_path / "ops.json")])
+    assert {r["impl"] for r in rows} == {"glip"}
+    assert "open_clip side left out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        op_count.main(["--tiny", "--ratios", "0.5", "--impls", "open_clip"])
+    assert stop.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 2  # the 'left out' line and the error
+
+
 def test_op_count_counts_both_implementations(tmp_path):
     """benchmarks/op_count.py on tiny towers in the open_clip environment: both sides, forward and backward counted,
     views among them, and the same count at every masked ratio (k changes shapes, not the operators)."""
