@@ -213,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in ("variants", "ratios"):
         if not getattr(args, flag):
             parser.error(f"--{flag}: empty; give at least one, comma-separated")
+        if len(set(getattr(args, flag))) < len(getattr(args, flag)):  # a repeat measured rows twice
+            parser.error(f"--{flag}: {','.join(map(str, getattr(args, flag)))!r} repeats a value; list each once")
     if args.breakdown and args.breakdown_ratio not in args.ratios:
         ratios = ",".join(map(str, args.ratios))
         parser.error(f"--breakdown_ratio {args.breakdown_ratio} is not one of --ratios {ratios}: nothing to show")

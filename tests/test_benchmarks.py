@@ -299,6 +299,28 @@ def test_op_count_without_open_clip_counts_glip_and_says_so(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 2  # the 'left out' line and the error
 
 
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("op_count", ["--ratios", "0.5,0.5"]),
+        ("op_count", ["--impls", "glip,glip"]),
+        ("activation_memory", ["--ratios", "0.5,0.5"]),
+        ("activation_memory", ["--variants", "glip,glip"]),
+        ("patch_embedding", ["--ratios", "0.5,0.5"]),
+    ],
+)
+def test_repeated_values_are_one_line_errors_in_every_benchmark(capsys, script, flags):
+    """As throughput.py: a repeated ratio or implementation measured its rows twice; now exit 2, one line."""
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--tiny", *flags] if script != "patch_embedding" else flags)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flags[0] in err[0]
+
+
 def test_op_count_counts_both_implementations(tmp_path):
     """benchmarks/op_count.py on tiny towers in the open_clip environment: both sides, forward and backward counted,
     views among them, and the same count at every masked ratio (k changes shapes, not the operators)."""
