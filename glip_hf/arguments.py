@@ -392,6 +392,12 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
     for names, test, expected in _RUN_BOUNDS:
         for name in names:
             _require(values[name] is None or test(values[name]), name, values[name], expected)
+    for name in ("data_files", "data_dir"):  # without a dataset_name they were ignored: the built-in data trained
+        if data.dataset_name is None and getattr(data, name) is not None:
+            raise ValueError(
+                f"--{name} {getattr(data, name)} needs --dataset_name (parquet, imagefolder, webdataset, ...): "
+                "without it the run would train on the built-in dataset."
+            )
     _require(training.loss in LOSSES, "loss", training.loss, _one_of(LOSSES))
     _require(training.hub_flavour in ("glip", "clip"), "hub_flavour", training.hub_flavour, "glip or clip")
     _require(

@@ -274,3 +274,12 @@ def test_empty_imagefolder_metadata_is_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip() and "examples/s" not in line]
     assert "Traceback" not in done.stderr and "metadata" in lines[-1], done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--data_files", "--data_dir"])
+def test_data_files_or_dir_without_a_dataset_name_is_an_error_not_the_built_in_data(tmp_path, flag):
+    """`--data_files x.parquet` alone trained on the built-in dataset, silently; now a one-line error."""
+    from glip_hf.arguments import parse_run_args
+
+    with pytest.raises(ValueError, match=f"{flag} .* needs --dataset_name"):
+        parse_run_args([*TINY_RUN, flag, str(tmp_path)])
