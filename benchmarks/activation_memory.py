@@ -211,10 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")
     args = parser.parse_args(argv)
     for flag in ("variants", "ratios"):
-        if not getattr(args, flag):
-            parser.error(f"--{flag}: empty; give at least one, comma-separated")
-        if len(set(getattr(args, flag))) < len(getattr(args, flag)):  # a repeat measured rows twice
-            parser.error(f"--{flag}: {','.join(map(str, getattr(args, flag)))!r} repeats a value; list each once")
+        throughput.check_list(parser, f"--{flag}", getattr(args, flag))
     if args.breakdown and args.breakdown_ratio not in args.ratios:
         ratios = ",".join(map(str, args.ratios))
         parser.error(f"--breakdown_ratio {args.breakdown_ratio} is not one of --ratios {ratios}: nothing to show")

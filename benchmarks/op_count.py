@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error(f"--ratios {args.ratios} is invalid: pass ratios in [0, 1), comma-separated")
     if not args.impls or not set(args.impls) <= set(throughput.BUILDERS):
         parser.error(f"--impls {args.impls} is invalid: choose from {', '.join(throughput.BUILDERS)}")
-    for flag in ("ratios", "impls"):  # a repeat counted rows twice
-        if len(set(getattr(args, flag))) < len(getattr(args, flag)):
-            parser.error(f"--{flag}: {','.join(map(str, getattr(args, flag)))!r} repeats a value; list each once")
+    for flag in ("ratios", "impls"):
+        throughput.check_list(parser, f"--{flag}", getattr(args, flag))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     if args.out is not None and not args.out.parent.is_dir():

@@ -15,7 +15,7 @@ import json
 import sys
 
 import torch
-from throughput import Setup, _median_seconds
+from throughput import Setup, _median_seconds, check_list
 
 
 def time_embeddings(batch: int, ratio: float, device: str, repeats: int, image_size: int = 224) -> float:
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ratios {args.ratios!r} is invalid: pass comma-separated numbers, e.g. 0.5,0.75")
     if not ratios or not all(0 < ratio < 1 for ratio in ratios):
         parser.error(f"--ratios {args.ratios!r} is invalid: every ratio must be in (0, 1)")
-    if len(set(ratios)) < len(ratios):  # a repeat timed rows twice
-        parser.error(f"--ratios {args.ratios!r} repeats a value; list each once")
+    check_list(parser, "--ratios", ratios)
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -587,6 +587,15 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def check_list(parser: argparse.ArgumentParser, flag: str, values: list) -> None:
+    """One-line error (exit 2) for an empty list or one that repeats a value: one measured nothing, the other
+    measured rows twice. Shared by every benchmark script."""
+    if not values:
+        parser.error(f"{flag}: empty; give at least one, comma-separated")
+    if len(set(values)) < len(values):
+        parser.error(f"{flag}: {','.join(map(str, values))!r} repeats a value; list each once")
+
+
 def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
     def parse(text: str) -> list:
         return [kind(part) for part in text.split(",") if part]
@@ -650,10 +659,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
     if args.batches is None:
         args.batches = [8] if args.tiny else [256, 1024]
-    for flag in ("impls", "modes", "ratios", "batches"):  # an empty list ran nothing; a repeat ran rows twice
-        values = getattr(args, flag)
-        if not values or len(set(values)) < len(values):
-            parser.error(f"--{flag}: {','.join(map(str, values))!r} is invalid; list each value once, comma-separated")
+    for flag in ("impls", "modes", "ratios", "batches"):
+        check_list(parser, f"--{flag}", getattr(args, flag))
     if min(args.batches) < 1:
         parser.error(f"--batches: {min(args.batches)} is invalid; every batch must be >= 1")
     if args.lever_batch is None:
