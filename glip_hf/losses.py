@@ -23,9 +23,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int, float]:
+def global_row_counts(rows: int, device: torch.device) -> list[int]:
+    """Rows of every process (this one holds ``rows``): one all-gather and one wait for the device, so a loss
+    asks once per step, not once per gathered tensor."""
+    if not _distributed():
+        return [rows]
+    size = torch.tensor([rows], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    return [int(s) for s in torch.cat(sizes).tolist()]
+
+
+def gather_with_grad(features: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, int, float]:
     """All-gather ``features`` (B_local, D) from every process, keeping the autograd graph.
 
+    ``sizes`` are every process's row counts (`global_row_counts`), gathered here if not given.
     Returns:
         ``(all_features (B_global, D), offset, weight)``: ``offset`` is the index of this process's first row and
         ``weight = world_size * B_local / B_global`` turns this process's mean loss into its share of the global
@@ -35,10 +47,8 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int, float]:
         return features, 0, 1.0
     from torch.distributed.nn.functional import all_gather
 
-    size = torch.tensor([features.shape[0]], device=features.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
+    if sizes is None:
+        sizes = global_row_counts(features.shape[0], features.device)
     padded = F.pad(features, (0, 0, 0, max(sizes) - features.shape[0]))
     gathered = all_gather(padded)  # differentiable: gradients flow back to the owning process
     rank, total = dist.get_rank(), sum(sizes)
@@ -56,8 +66,9 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
         Scalar: mean over this process's rows of the image->text and text->image cross-entropies (times the
         gather weight, so that the average over processes is the mean over the global batch).
     """
-    all_images, offset, weight = gather_with_grad(image_embeds)
-    all_texts, _, _ = gather_with_grad(text_embeds)
+    sizes = global_row_counts(image_embeds.shape[0], image_embeds.device)  # the texts' are the same
+    all_images, offset, weight = gather_with_grad(image_embeds, sizes)
+    all_texts, _, _ = gather_with_grad(text_embeds, sizes)
     scale = logit_scale.exp()
     logits_per_image = scale * image_embeds @ all_texts.t()  # (B_local, B_global)
     logits_per_text = scale * text_embeds @ all_images.t()  # (B_local, B_global)
