@@ -117,6 +117,8 @@ class Row:
     lever: str = ""
     img_s: float = float("nan")
     step_ms: float = float("nan")
+    host_ms: float = float("nan")  # time to issue the step, before waiting for the device: ~step_ms if host-bound
+    device_busy_ms: float = float("nan")  # --profile, CUDA: kernels and copies per step (their intervals' union)
     spread: float = float("nan")  # (max - min) / median over the timed steps
     mfu: float = float("nan")
     peak_gib: float = float("nan")
@@ -397,15 +399,17 @@ def time_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, warmup: int
     row.warmup_s = time.perf_counter() - start
     if setup.cuda:
         torch.cuda.reset_peak_memory_stats(setup.device)
-    times = []
+    times, issued = [], []
     for i in range(steps):
         setup.sync()
         t0 = time.perf_counter()
         variant.step(*inputs[i % len(inputs)])
+        issued.append(time.perf_counter() - t0)
         setup.sync()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     row.step_ms = 1e3 * median
+    row.host_ms = 1e3 * statistics.median(issued)
     row.img_s = row.batch / median
     row.spread = (max(times) - min(times)) / median
     row.mfu = model_flops(dims, row.ratio, row.batch) / median / (peak * 1e12)
@@ -415,6 +419,49 @@ def time_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, warmup: int
         row.mask_ms = 1e3 * variant.mask_time(row.batch, repeats=max(5, steps))
         row.mask_share = row.mask_ms / row.step_ms
     return row
+
+
+def profile_name(row: Row) -> str:
+    """File stem of a row's profile: ``glip_eager_b256_r0.918`` (``_<lever>`` appended for lever rows)."""
+    name = f"{row.impl}_{row.mode.replace('/', '-')}_b{row.batch}_r{row.ratio}"
+    return f"{name}_{row.lever}" if row.lever else name
+
+
+def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: the time at least one of them runs."""
+    total, end = 0.0, -math.inf
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def profile_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, folder: Path, steps: int = 3) -> None:
+    """Trace ``steps`` more training steps with torch.profiler (after `time_steps`, so warmed up and compiled).
+
+    Writes ``folder/<profile_name>.txt``: the operator table, sorted by self device time on CUDA (self CPU time on
+    a CPU). On CUDA, sets ``row.device_busy_ms``: the time per step some kernel or copy ran on the device; the rest
+    of ``step_ms`` the device waited (for the host, or a synchronisation).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.cuda else [])
+    inputs = _inputs(dims, row.batch, setup.device)
+    setup.sync()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            variant.step(*inputs[i % len(inputs)])
+        setup.sync()
+    if setup.cuda:
+        device = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+        row.device_busy_ms = busy_microseconds(device) / 1e3 / steps
+    sort = "self_device_time_total" if setup.cuda else "self_cpu_time_total"
+    head = f"{profile_name(row)}: {steps} steps traced; untraced median step {row.step_ms:.2f} ms, issued in "
+    head += f"{row.host_ms:.2f} ms" + (f"; device busy {row.device_busy_ms:.2f} ms per step" if setup.cuda else "")
+    table = prof.key_averages().table(sort_by=sort, row_limit=60)
+    (folder / f"{profile_name(row)}.txt").write_text(f"{head}\n{table}")
 
 
 def _release(setup: Setup) -> None:
@@ -461,6 +508,8 @@ def run_grid(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[
                     try:
                         variant.set_ratio(ratio)
                         time_steps(variant, row, dims, setup, args.warmup, args.steps, args.peak_tflops)
+                        if args.profile is not None:
+                            profile_steps(variant, row, dims, setup, args.profile)
                         # the peak holds the other implementations' weights and optimizer state: not this one's
                         others = sum(resident_bytes(v) for v in variants.values() if isinstance(v, Variant))
                         row.peak_gib -= (others - resident_bytes(variant)) / 2**30
@@ -492,6 +541,8 @@ def run_levers(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callabl
             )
             variant.set_ratio(args.lever_ratio)
             time_steps(variant, row, dims, setup, args.warmup, args.steps, args.peak_tflops)
+            if args.profile is not None:
+                profile_steps(variant, row, dims, setup, args.profile)
         except Exception as error:
             row.error = ("OOM" if _is_oom(error) else repr(error))[:400]
         if variant is not None:  # also after a failure: the shared Accelerator holds the model until closed
@@ -569,11 +620,14 @@ def _cell(value: float, pattern: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = "| impl | lever | mode | batch | ratio | img/s | MFU | peak GiB | vs open_clip | mask share | warm-up s |"
-    lines = [head, "|" + "---|" * 11]
+    head = (
+        "| impl | lever | mode | batch | ratio | img/s | MFU | peak GiB | vs open_clip | mask share | step ms "
+        "| host ms | busy ms | warm-up s |"
+    )
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | {r.error[:60]} |||||||")
+            lines.append(f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | {r.error[:60]} ||||||||||")
             continue
         cells = (
             _cell(r.img_s, "{:.0f}"),
@@ -581,6 +635,9 @@ def format_table(rows: list[Row]) -> str:
             _cell(r.peak_gib, "{:.1f}"),
             _cell(r.vs_open_clip, "{:.2f}"),
             _cell(100 * r.mask_share, "{:.2f}%"),
+            _cell(r.step_ms, "{:.1f}"),
+            _cell(r.host_ms, "{:.1f}"),
+            _cell(r.device_busy_ms, "{:.1f}"),
             _cell(r.warmup_s, "{:.1f}"),
         )
         lines.append(f"| {r.impl} | {r.lever} | {r.mode} | {r.batch} | {r.ratio} | " + " | ".join(cells) + " |")
@@ -640,6 +697,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (the default on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=BF16_DENSE_TFLOPS_H200, help="for MFU")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for a torch.profiler operator table of each grid and lever row (3 more steps each); on CUDA "
+        "also fills the rows' device-busy time",
+    )
     args = parser.parse_args(argv)
     for impl in args.impls:
         if impl not in BUILDERS:
@@ -684,6 +748,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--peak_tflops: {args.peak_tflops} is invalid; expected > 0")
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if args.profile is not None:
+        try:
+            args.profile.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"--profile {args.profile}: cannot create the folder ({error.strerror}); pick another")
     return args
 
 

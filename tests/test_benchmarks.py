@@ -62,7 +62,7 @@ def _smoke(python, tmp_path, impls: str) -> list[dict]:
     out = tmp_path / f"{impls}.json"
     command = [str(python), str(ROOT / "benchmarks" / "throughput.py"), "--device", "cpu", "--tiny"]
     command += ["--impls", impls, "--modes", "eager", "--ratios", "0,0.75", "--steps", "2", "--warmup", "1"]
-    command += ["--levers", "--out", str(out)]
+    command += ["--levers", "--out", str(out), "--profile", str(tmp_path / "profiles")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads(out.read_text())
@@ -72,11 +72,22 @@ def _smoke(python, tmp_path, impls: str) -> list[dict]:
     assert all(not row["error"] for row in rows), [row["error"] for row in rows]
     for row in rows:
         assert row["img_s"] > 0 and row["step_ms"] > 0 and 0 < row["mfu"] < 1
+        assert 0 < row["host_ms"] <= row["step_ms"]  # each step is issued before it is waited for
+        table = (tmp_path / "profiles" / f"{throughput.profile_name(throughput.Row(**row))}.txt").read_text()
+        assert "aten::mm" in table and "Self CPU" in table, table[:500]
     masked = [row for row in rows if row["impl"] == "glip" and row["ratio"] > 0]
     assert masked and all(0 < row["mask_share"] < 1 for row in masked)
     levers = {row["lever"] for row in rows if row["lever"]}
     assert levers == set(throughput.LEVERS)
     return rows
+
+
+def test_busy_time_is_the_union_of_the_intervals():
+    """The device-busy time of a profile counts overlapping kernels once and the gaps between them not at all."""
+    assert throughput.busy_microseconds([]) == 0
+    assert throughput.busy_microseconds([(0, 10), (20, 25)]) == 15
+    assert throughput.busy_microseconds([(20, 25), (0, 10), (5, 12), (6, 8)]) == 17  # unsorted, nested, overlapping
+    assert throughput.busy_microseconds([(0, 10), (10, 20)]) == 20
 
 
 def test_cpu_smoke_run_of_both_implementations(tmp_path):
