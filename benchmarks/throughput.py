@@ -61,7 +61,9 @@ BF16_DENSE_TFLOPS_H200 = 790.0  # bf16 matmul rate measured on the reference car
 
 @dataclass(frozen=True)
 class Dims:
-    """The two towers' sizes; ``vitb16`` is CLIP ViT-B/16, ``tiny`` a CPU-sized stand-in."""
+    """The two towers' sizes; ``vitb16`` is CLIP ViT-B/16, ``tiny`` a CPU-sized stand-in, ``overhead`` ViT-B/16's
+    depth, patch grid and text length at widths so small that a step's time is the host's: Python, autograd and
+    operator dispatch (each operator of a ViT-B/16 step runs, on almost no data)."""
 
     image_size: int
     patch_size: int
@@ -82,6 +84,7 @@ class Dims:
 
 VITB16 = Dims(224, 16, 768, 12, 12, 512, 12, 8, 77, 49408, 512)
 TINY = Dims(32, 8, 32, 2, 2, 32, 2, 2, 16, 500, 16)
+OVERHEAD = Dims(224, 16, 16, 12, 2, 16, 12, 2, 77, 1000, 16)
 
 
 def kept_patches(num_patches: int, ratio: float) -> int:
@@ -210,6 +213,8 @@ class GlipVariant(Variant):
             num_attention_heads=dims.text_heads,
             max_position_embeddings=dims.context_length,
             vocab_size=dims.vocab_size,
+            bos_token_id=dims.vocab_size - 2,
+            eos_token_id=dims.vocab_size - 1,  # `_inputs` ends each caption with it: pooled there, as open_clip does
         )
         config = GLIPConfig(text_config=text, vision_config=vision, projection_dim=dims.embed_dim)
         config._attn_implementation = "sdpa"
@@ -667,6 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineErrorParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized towers (smoke test; figures meaningless)")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="ViT-B/16's depth and token counts at tiny widths, bf16 autocast also on a CPU: the step time is the "
+        "host's (default batch 1)",
+    )
     parser.add_argument("--impls", type=_csv(str), default=["glip", "open_clip"])
     parser.add_argument("--modes", type=_csv(str), default=["eager", "compile"])
     parser.add_argument("--batches", type=_csv(int), default=None, help="default 256,1024 (tiny: 8)")
@@ -721,8 +732,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for lever in args.levers:
         if lever not in LEVERS:
             parser.error(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
+    if args.tiny and args.overhead:
+        parser.error("--tiny and --overhead: pick one set of tower sizes")
     if args.batches is None:
-        args.batches = [8] if args.tiny else [256, 1024]
+        args.batches = [8] if args.tiny else [1] if args.overhead else [256, 1024]
     for flag in ("impls", "modes", "ratios", "batches"):
         check_list(parser, f"--{flag}", getattr(args, flag))
     if min(args.batches) < 1:
@@ -777,8 +790,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         print(report([Path(p) for p in argv[1:]]))
         return []
     args = parse_args(argv)
-    dims = TINY if args.tiny else VITB16
-    setup = Setup(args.device, bf16=not args.fp32 and args.device.startswith("cuda"))
+    dims = TINY if args.tiny else OVERHEAD if args.overhead else VITB16
+    setup = Setup(args.device, bf16=not args.fp32 and (args.device.startswith("cuda") or args.overhead))
     if setup.cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

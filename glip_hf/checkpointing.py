@@ -248,6 +248,9 @@ def save_checkpoint(
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Each process flushes what it wrote (its random state; its shards under FSDP) from its own node's cache: on a
+    # shared file system the main process's fsync reaches only pages its own node holds. Clean files cost nothing.
+    _sync_tree(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if loss_fn is not None:
@@ -257,7 +260,7 @@ def save_checkpoint(
         if run_config is not None:
             (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         progress.save(tmp)
-        _sync_tree(tmp)
+        _sync_tree(tmp)  # the files written just above
         if final.exists():
             _discard(final)
         tmp.rename(final)
@@ -288,9 +291,11 @@ def _discard(path: Path) -> None:
 def _sync_tree(directory: Path) -> None:
     """fsync every file of ``directory`` and the directory itself (a checkpoint survives a node crash too)."""
     for path in directory.rglob("*"):
-        if path.is_file():
+        try:
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
+        except (IsADirectoryError, FileNotFoundError):  # a folder, or a file another process renamed meanwhile
+            continue
     _sync_directory(directory)
 
 
