@@ -15,6 +15,13 @@ synchronises the device around each step, and reports the median over the timed 
 * ``vs_open_clip``: img/s over open_clip's at the same ratio, batch and mode;
 * ``mask_share``: for GLIP, the time of drawing the masks and gathering the kept tokens (forward and backward,
   timed alone at the step's shapes) over the step time.
+* ``host_ms``: the time to issue a step before waiting for the device (close to ``step_ms`` when the host is the
+  bottleneck or the step waits on the device inside it); ``device_busy_ms``, with ``--profile DIR``: the time per
+  step some kernel or copy runs on the device (CUDA), from a torch.profiler trace of 3 more steps whose operator
+  table is written to ``DIR``.
+
+``--overhead`` keeps ViT-B/16's depth, patch grid and text length at tiny widths (bf16 autocast also on a CPU), so
+that a step's time is the host's: Python, autograd and operator dispatch.
 
 ``--levers`` adds GLIP rows at one configuration (``--lever_modes``: eager, compiled or both) with one setting changed
 each (foreach instead of fused AdamW, the run's gradient-norm check and clipping, no text attention mask,

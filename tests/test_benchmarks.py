@@ -136,6 +136,7 @@ def test_bad_flags_are_one_line_errors(capsys):
         (["--lever_batch", "0"], "--lever_batch"),
         (["--max_batch_limit", "0"], "--max_batch_limit"),
         (["--peak_tflops", "-1"], "--peak_tflops"),
+        (["--overhead"], "--overhead"),  # with --tiny: two sets of tower sizes
     ],
 )
 def test_out_of_range_numbers_are_one_line_errors(capsys, flags, field):
