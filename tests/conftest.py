@@ -1,6 +1,8 @@
 """Shared fixtures: tiny, oddly sized configs (so shape bugs show), a tokenizer trained offline, saved models."""
 
+import contextlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +17,24 @@ from glip_hf.tokenization import text_config_overrides, train_clip_tokenizer  # 
 
 ROOT = Path(__file__).resolve().parent.parent
 OPEN_CLIP_PYTHON_ENV = "GLIP_HF_OPENCLIP_PYTHON"
+
+
+@contextlib.contextmanager
+def saved_for_backward(parameters: Iterable[torch.Tensor] = ()) -> Iterator[dict[int, int]]:
+    """What autograd saves for backward inside the block: ``{storage pointer: bytes}``, each storage once, the
+    storages of ``parameters`` left out (they are held anyway)."""
+    held = {p.untyped_storage().data_ptr() for p in parameters}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
 
 IMAGE_SIZE, PATCH_SIZE = 30, 2  # 15 x 15 = 225 patches
 TEXT_LEN = 32

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import saved_for_backward
 from transformers import CLIPTextConfig
 from transformers.models.clip.modeling_clip import CLIPMLP
 
@@ -10,16 +11,7 @@ from glip_hf.activations import LeanMLP, use_lean_activations
 
 def _saved_bytes(fn, *inputs: torch.Tensor) -> int:
     """Bytes of the storages ``fn(*inputs)`` saves for backward, each storage once, parameters not counted."""
-    params = {p.untyped_storage().data_ptr() for p in getattr(fn, "parameters", list)()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(getattr(fn, "parameters", list)()) as saved:
         fn(*inputs)
     return sum(saved.values())
 

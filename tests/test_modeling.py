@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import IMAGE_SIZE, PATCH_SIZE, tiny_config
+from conftest import IMAGE_SIZE, PATCH_SIZE, saved_for_backward, tiny_config
 from transformers import CLIPModel
 from transformers.models.clip.modeling_clip import CLIPAttention
 
@@ -105,15 +105,8 @@ def _attention_pair(dtype=torch.float32):
 def _attention_step(layer, x, grad, autocast=False):
     """Output, input gradient, parameter gradients and bytes saved for backward (parameters not counted)."""
     layer.zero_grad()
-    inputs, saved = x.clone().requires_grad_(), {}
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in params:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    inputs = x.clone().requires_grad_()
+    with saved_for_backward(layer.parameters()) as saved:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out, _ = layer(inputs * 1)  # not a leaf, like the layer norm's output: autocast caches no cast of it
     out.backward(grad.to(out.dtype))
