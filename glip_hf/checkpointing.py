@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from .arguments import ARCHITECTURE_FIELDS
+from .optimization import Schedule
 
 CHECKPOINT_DIR = "checkpoints"
 LOSS_STATE = "loss.safetensors"
@@ -61,6 +62,7 @@ class TrainingProgress:
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples so far, by reason, all processes
     empty_steps: int = 0  # steps with no valid sample on any process (no update made)
     nonfinite_steps: int = 0  # steps whose loss or gradient was not finite (no update made)
+    main_steps: int | None = None  # the masked stage of the schedule it ran under (None: a checkpoint older than this)
 
     def save(self, directory: Path) -> None:
         (directory / "progress.json").write_text(json.dumps(asdict(self), indent=1))
@@ -199,6 +201,78 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
             "and patch masks differ from an uninterrupted run from here on.",
             stacklevel=2,
         )
+
+
+def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule) -> Schedule:
+    """The schedule a run resumed from ``checkpoint`` follows: ``schedule`` (this command's) with the checkpoint's
+    tuning ratio (its base learning rates are restored). A change the checkpoint's steps allow (while no unmasked
+    tuning step was taken: the masked stage's length and warmup; tuning's length, if it does not end before the
+    checkpoint's step) is a warning that states the jump in learning rate; any other is a one-line error."""
+    saved = checkpoint / "run_config.yaml"
+    if not saved.is_file():
+        return schedule  # written before run configs were saved: nothing to compare with
+    before = yaml.safe_load(saved.read_text()) or {}
+    step, main_steps = _checkpoint_steps(checkpoint, before, schedule)
+    old = Schedule.of({**config, **before}, main_steps)  # a key the checkpoint lacks: taken as unchanged
+    new = Schedule(schedule.main_steps, schedule.warmup_steps, schedule.tuning_steps, old.tuning_ratio)
+    if new == old:
+        return new
+    where = f"resume_from_checkpoint={checkpoint} is at step {step}, {old.stage(step)}"
+    masked, undo = _changed(before, config, _MASKED_FLAGS if before.get("max_steps", -1) <= 0 else ("max_steps",))
+    if step > old.main_steps and (new.main_steps, new.warmup_steps) != (old.main_steps, old.warmup_steps):
+        if new.main_steps == old.main_steps:
+            masked, undo = _changed(before, config, ("warmup_steps", "warmup_ratio"))
+        raise ValueError(
+            f"{where}; {masked} would change its masked stage ({old.main_steps} steps, {old.warmup_steps} warmup), "
+            f"which ended at step {old.main_steps}: resume with {undo}, or train on in a new run with "
+            f"--init_from {config.get('output_dir')} (the model this run saves at its end)."
+        )
+    if new.main_steps < step and new.main_steps != old.main_steps:
+        raise ValueError(
+            f"{where}; {masked} would end the masked stage at step {new.main_steps}, before it: resume with {undo}, "
+            f"or with a masked stage of at least {step} steps (--max_steps {step} or more)."
+        )
+    if new.main_steps + new.tuning_steps < step:
+        raise ValueError(
+            f"{where}; {_changed(before, config, ('unmasked_tuning_steps',))[0]} would end unmasked tuning at step "
+            f"{new.main_steps + new.tuning_steps}, before it: resume with --unmasked_tuning_steps "
+            f"{step - new.main_steps} or more."
+        )
+    base = before["learning_rate"]  # restored with the optimizer
+    was = f"{base * old.multiplier(step):.4g}" if step < old.main_steps + old.tuning_steps else "none (it had ended)"
+    now = f"{base * new.multiplier(step):.4g}"
+    jump = f"stays {now}" if was == now else f"goes from {was} to {now}"
+    warnings.warn(
+        f"{where}, and this run changes its schedule to {new.main_steps} masked steps ({new.warmup_steps} warmup) "
+        f"+ {new.tuning_steps} unmasked tuning steps: the learning rate of step {step + 1} {jump}, and the run "
+        "follows the new schedule from there.",
+        stacklevel=2,
+    )
+    return new
+
+
+# What sets the masked stage's length when --max_steps is unset (with the data and the number of processes).
+_MASKED_FLAGS = ("max_steps", "num_train_epochs", "gradient_accumulation_steps", "per_device_train_batch_size")
+
+
+def _checkpoint_steps(checkpoint: Path, before: dict[str, Any], schedule: Schedule) -> tuple[int, int]:
+    """The checkpoint's step and masked-stage length; a checkpoint that does not record the latter (older than
+    ``TrainingProgress.main_steps``) is taken at its ``max_steps``, or, if it ran by epochs, at this run's."""
+    progress = TrainingProgress.load(checkpoint)
+    if progress.main_steps is not None:
+        return progress.step, progress.main_steps
+    return progress.step, before["max_steps"] if before.get("max_steps", -1) > 0 else schedule.main_steps
+
+
+def _changed(before: dict[str, Any], config: dict[str, Any], names: tuple[str, ...]) -> tuple[str, str]:
+    """What the command line changed among ``names`` (``"max_steps=5 (was 3)"``), and the flags that undo it."""
+    changed = [name for name in names if before.get(name) != config.get(name)]
+    if not changed:
+        return "the data or the number of processes (the epochs' length in steps)", "its data and number of processes"
+    return (
+        ", ".join(f"{name}={config.get(name)!r} (was {before.get(name)!r})" for name in changed),
+        " ".join(f"--{name} {before.get(name)}" for name in changed),
+    )
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,11 +57,51 @@ def lr_multiplier(step: int, main_steps: int, warmup_steps: int, tuning_steps: i
     return tuning_ratio * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, args: TrainingArguments, main_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = args.warmup_steps or math.ceil(args.warmup_ratio * main_steps)
-    ratio = args.unmasked_tuning_learning_rate / args.learning_rate
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, main_steps, warmup, args.unmasked_tuning_steps, ratio)
-    )
+@dataclass(frozen=True)
+class Schedule:
+    """A run's learning-rate schedule, as factors on the base learning rate (see `lr_multiplier`): the masked stage
+    (``main_steps`` optimizer steps, ``warmup_steps`` of them warmup), then ``tuning_steps`` of unmasked tuning."""
+
+    main_steps: int
+    warmup_steps: int
+    tuning_steps: int
+    tuning_ratio: float  # unmasked tuning lr / base lr
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any], main_steps: int) -> Schedule:
+        """From a run's flat settings (``to_flat_dict`` of its arguments, or a checkpoint's ``run_config.yaml``)."""
+        return cls(
+            main_steps,
+            settings["warmup_steps"] or math.ceil(settings["warmup_ratio"] * main_steps),
+            settings["unmasked_tuning_steps"],
+            settings["unmasked_tuning_learning_rate"] / settings["learning_rate"],
+        )
+
+    def multiplier(self, step: int) -> float:
+        """Factor on the base learning rate at optimizer step ``step`` (0-based)."""
+        return lr_multiplier(step, self.main_steps, self.warmup_steps, self.tuning_steps, self.tuning_ratio)
+
+    def stage(self, step: int) -> str:
+        """Where optimizer step ``step`` (0-based; or a checkpoint that has done ``step`` steps) falls."""
+        if step < self.main_steps:
+            return f"in its masked stage (step {step} of {self.main_steps})"
+        if step < self.main_steps + self.tuning_steps:
+            return f"in unmasked tuning (step {step - self.main_steps} of {self.tuning_steps})"
+        return f"at the end of its run ({self.main_steps} masked + {self.tuning_steps} unmasked tuning steps)"
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
+    # A plain function, not a callable object: LambdaLR saves and restores a callable object's attributes, which
+    # would bring a checkpoint's schedule back over the resumed run's (see `restart_schedule`).
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.multiplier(step))
+
+
+def restart_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """After a checkpoint's state is loaded (``last_epoch``, the optimizer's lr): set the optimizer's lr and the
+    last lr to what this run's schedule gives at ``last_epoch``, so that the first resumed update follows it. The
+    same arithmetic as ``LambdaLR.step``, so an unchanged schedule resumes bit for bit."""
+    step = scheduler.last_epoch
+    values = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    for group, value in zip(scheduler.optimizer.param_groups, values, strict=True):
+        group["lr"] = value
+    scheduler._last_lr = values  # what get_last_lr() reports (torch keeps no public setter)

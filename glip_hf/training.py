@@ -35,6 +35,7 @@ from .checkpointing import (
     list_checkpoints,
     load_loss_state,
     plan_start,
+    resume_schedule,
     save_checkpoint,
     truncate_metrics,
 )
@@ -53,7 +54,7 @@ from .launch import check_launch, use_cores_on_cpu
 from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
-from .optimization import build_optimizer, build_scheduler
+from .optimization import Schedule, build_optimizer, build_scheduler, restart_schedule
 from .preemption import StopSignals
 from .seeding import seed_mask_stream
 from .sharding import full_state_dict, gradient_norm, make_shardable, parameter_value, uses_fsdp
@@ -229,7 +230,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     loss_fn.to(accelerator.device)  # its parameters are checkpointed as safetensors by save_checkpoint
     model, optimizer = accelerator.prepare(model, optimizer)
     main_steps = _main_steps(data.per_epoch, training_args, accelerator)
-    scheduler = accelerator.prepare(build_scheduler(optimizer, training_args, main_steps))
+    schedule = Schedule.of(run_config, main_steps)
+    if checkpoint is not None:  # a schedule the checkpoint's steps rule out fails here, before any write
+        schedule = resume_schedule(checkpoint, run_config, schedule)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, schedule))
     seed_mask_stream(training_args.seed, accelerator.process_index)  # a resume restores the per-process state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # once every check has passed: a failed start changes no earlier run
@@ -239,11 +243,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
     accelerator.wait_for_everyone()
 
-    progress = TrainingProgress()
+    progress = TrainingProgress(main_steps=main_steps)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
+        restart_schedule(scheduler.scheduler)  # the restored lr is the checkpoint's schedule's; this run's from here
         load_loss_state(loss_fn, checkpoint)
         progress = TrainingProgress.load(checkpoint)
+        progress.main_steps = main_steps  # its later checkpoints record the schedule this run follows
         if accelerator.is_main_process:
             truncate_metrics(output_dir / "metrics.jsonl", progress.step)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")

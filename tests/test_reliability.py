@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -399,7 +400,7 @@ def test_fp16_overflowing_steps_go_through_the_scaler_and_count_as_non_finite():
     from glip_hf.arguments import TrainingArguments
     from glip_hf.checkpointing import TrainingProgress
     from glip_hf.losses import ContrastiveLoss
-    from glip_hf.optimization import build_optimizer, build_scheduler
+    from glip_hf.optimization import Schedule, build_optimizer, build_scheduler
     from glip_hf.training import _Run, _update
 
     accelerator = Accelerator(cpu=True)
@@ -408,7 +409,7 @@ def test_fp16_overflowing_steps_go_through_the_scaler_and_count_as_non_finite():
     scaler = torch.amp.GradScaler("cpu")
     optimizer = AcceleratedOptimizer(build_optimizer([model, loss_fn], args), device_placement=False, scaler=scaler)
     scheduler = AcceleratedScheduler(
-        build_scheduler(optimizer.optimizer, args, 10), optimizer, step_with_optimizer=False
+        build_scheduler(optimizer.optimizer, Schedule.of(vars(args), 10)), optimizer, step_with_optimizer=False
     )
     # What Accelerator(mixed_precision="fp16") holds on a GPU: the scaler, and the mode in which clip_grad_norm_
     # unscales the gradients first (as in a real fp16 step).
@@ -583,3 +584,131 @@ def test_overwrite_changes_nothing_when_the_new_run_fails_its_checks(tmp_path):
     with pytest.raises(ValueError, match="--caption_column 'nope'"):
         in_process(tmp_path, *flags, "--overwrite_output_dir", "true", "--caption_column", "nope")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# ------------------------------------------------------------------------ resume under another lr schedule
+
+
+def lrs(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def files(output_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in output_dir.rglob("*") if p.is_file()}
+
+
+def test_a_longer_or_shorter_masked_stage_resumes_on_the_new_schedule_from_the_first_step(tmp_path):
+    """Warmup 3 makes steps 1-4 the same under 4 and 8 masked steps, so a 4-step run extended to 8 must end with
+    the weights of the 8-step run, bit for bit: its first resumed update too follows the new schedule (it used the
+    restored lr of the old one, which had ended, and logged that lr)."""
+    flags = ["--unmasked_tuning_steps", "0", "--warmup_steps", "3", "--save_steps", "1"]
+    in_process(tmp_path, *flags, "--max_steps", "8", "--output_dir", str(tmp_path / "reference"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    in_process(tmp_path, *flags, "--max_steps", "4")
+    out = tmp_path / "out"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    jump = r"at step 4, at the end of its run .* the learning rate of step 5 goes from none \(it had ended\) to "
+    with pytest.warns(UserWarning, match=jump + f"{lrs(tmp_path / 'reference')[5]:.4g}, and the run follows"):
+        in_process(tmp_path, *flags, "--max_steps", "8", "--resume_from_checkpoint", "latest")
+    assert_same_weights(tmp_path / "reference", out)
+    assert lrs(out) == lrs(tmp_path / "reference")
+
+    # Shorter, still in the masked stage: allowed down to the checkpoint's step, not below it.
+    before = files(out)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    older = str(out / "checkpoints" / "checkpoint-6")
+    with pytest.raises(ValueError, match=r"at step 6, in its masked stage \(step 6 of 8\); max_steps=5 \(was 8\) "):
+        in_process(tmp_path, *flags, "--max_steps", "5", "--resume_from_checkpoint", older)
+    assert files(out) == before, "a refused resume wrote something"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.warns(
+        UserWarning, match=r"step 7 goes from 0.000691 to 0.0002929, and"
+    ):  # 2e-3 * (1 + cos(pi * 3 / 4)) / 2
+        in_process(tmp_path, *flags, "--max_steps", "7", "--resume_from_checkpoint", older)
+    assert sorted(lrs(out)) == list(range(1, 8))
+
+
+def test_a_resume_in_or_after_unmasked_tuning_cannot_change_the_masked_stage(tmp_path):
+    """A run of 3 masked + 2 tuning steps: raising --max_steps at its end is refused (it appended "tuning" steps
+    under a masked stage it never ran); so are a new warmup, and a tuning stage that ends before the checkpoint.
+    Lengthening tuning is allowed, and its first step updates (it used the ended schedule's lr, 0)."""
+    flags = ["--max_steps", "3", "--unmasked_tuning_steps", "2", "--save_steps", "1"]
+    in_process(tmp_path, *flags)
+    out, latest = tmp_path / "out", ["--resume_from_checkpoint", "latest"]
+    before = files(out)
+    refused = [
+        (
+            ["--max_steps", "5"],
+            r"at step 5, at the end of its run \(3 masked \+ 2 unmasked tuning steps\); "
+            r"max_steps=5 \(was 3\) would change its masked stage .* resume with --max_steps 3, or train on in a new "
+            r"run with --init_from",
+        ),
+        (
+            ["--warmup_steps", "2"],
+            r"warmup_steps=2 \(was 1\) would change its masked stage .* resume with --warmup_steps 1, or",
+        ),
+        (
+            ["--unmasked_tuning_steps", "0", "--resume_from_checkpoint", str(out / "checkpoints" / "checkpoint-4")],
+            r"at step 4, in unmasked tuning \(step 1 of 2\); unmasked_tuning_steps=0 \(was 2\) would end unmasked "
+            r"tuning at step 3, before it: resume with --unmasked_tuning_steps 1 or more",
+        ),
+    ]
+    for change, message in refused:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.raises(ValueError, match=message):
+            in_process(tmp_path, *flags, *latest, *change)
+        assert files(out) == before, f"{change} wrote something before it was refused"
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.warns(UserWarning, match=r"step 6 goes from none \(it had ended\) to 5e-06, and the run follows"):
+        in_process(tmp_path, *flags, *latest, "--unmasked_tuning_steps", "4")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["stage"]) for r in log][3:] == [(s, "unmasked_tuning") for s in (4, 5, 6, 7)]
+    assert log[5]["lr"] == pytest.approx(5e-6)  # 1e-5 * (1 + cos(pi / 2)) / 2, step 2 of 4 of tuning
+    checkpoints = out / "checkpoints"
+    unchanged = load_file(checkpoints / "checkpoint-5" / "model.safetensors")
+    updated = load_file(checkpoints / "checkpoint-6" / "model.safetensors")
+    assert any(not torch.equal(unchanged[k], updated[k]) for k in unchanged), "the first resumed step made no update"
+
+
+def test_the_checkpoints_schedule_is_known_without_its_main_steps_and_by_epochs(tmp_path):
+    """No training: `resume_schedule` on checkpoint folders holding only progress.json and run_config.yaml."""
+    import yaml
+
+    from glip_hf.arguments import to_flat_dict
+    from glip_hf.checkpointing import resume_schedule
+    from glip_hf.optimization import Schedule
+
+    def config(*flags: str) -> dict:
+        return to_flat_dict(*parse_run_args([*TINY, "--output_dir", str(tmp_path / "out"), *flags]))
+
+    def checkpoint(name: str, progress: dict, run_config: dict) -> Path:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.json").write_text(json.dumps(progress))
+        (tmp_path / name / "run_config.yaml").write_text(yaml.safe_dump(run_config))
+        return tmp_path / name
+
+    # Older than main_steps in progress.json: max_steps stands for it...
+    old = checkpoint("old", {"step": 5}, config("--max_steps", "3", "--unmasked_tuning_steps", "2"))
+    new = config("--max_steps", "5", "--unmasked_tuning_steps", "2")
+    with pytest.raises(ValueError, match=r"max_steps=5 \(was 3\)"):
+        resume_schedule(old, new, Schedule.of(new, 5))
+    # ... and a run by epochs is taken to have this run's masked stage (as every resume did before).
+    epochs = checkpoint("epochs", {"step": 5}, config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0"))
+    new = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0", "--gradient_accumulation_steps", "2")
+    assert resume_schedule(epochs, new, Schedule.of(new, 5)) == Schedule.of(new, 5)
+    # A recorded masked stage: more epochs while in it is a warning naming the flag; fewer, ending before it, an error.
+    run = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0")
+    recorded = checkpoint("recorded", {"step": 4, "main_steps": 10}, run)
+    new = config("--num_train_epochs", "3", "--unmasked_tuning_steps", "0")
+    with pytest.warns(UserWarning, match=r"changes its schedule to 15 masked steps"):
+        resume_schedule(recorded, new, Schedule.of(new, 15))
+    new = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0", "--gradient_accumulation_steps", "4")
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4 \(was 1\) would end the masked stage at "):
+        resume_schedule(recorded, new, Schedule.of(new, 3))
+    # Steps are optimizer steps: with --max_steps, another accumulation leaves the schedule as it was.
+    steps = checkpoint("steps", {"step": 4, "main_steps": 6}, config("--max_steps", "6"))
+    new = config("--max_steps", "6", "--gradient_accumulation_steps", "3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resume_schedule(steps, new, Schedule.of(new, 6)) == Schedule.of(new, 6)

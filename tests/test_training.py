@@ -544,7 +544,7 @@ def test_a_step_skipped_by_the_fp16_gradient_scaler_does_not_advance_the_schedul
 
     from glip_hf.arguments import TrainingArguments
     from glip_hf.checkpointing import TrainingProgress
-    from glip_hf.optimization import build_optimizer, build_scheduler
+    from glip_hf.optimization import Schedule, build_optimizer, build_scheduler
     from glip_hf.training import _optimizer_step, _Run
 
     accelerator = Accelerator(cpu=True)
@@ -555,7 +555,7 @@ def test_a_step_skipped_by_the_fp16_gradient_scaler_does_not_advance_the_schedul
         build_optimizer([model, loss_fn], args), device_placement=False, scaler=torch.amp.GradScaler("cpu")
     )
     scheduler = AcceleratedScheduler(
-        build_scheduler(optimizer.optimizer, args, 10), optimizer, step_with_optimizer=False
+        build_scheduler(optimizer.optimizer, Schedule.of(vars(args), 10)), optimizer, step_with_optimizer=False
     )
     run_state = _Run(accelerator, model, model, loss_fn, optimizer, scheduler, None, args, 10, TrainingProgress())
     optimizer.scaler.scale(model.logit_scale * 1.0).backward()  # as accelerator.backward does under fp16
