@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,9 @@ class TrainingProgress:
 
     @classmethod
     def load(cls, directory: Path) -> TrainingProgress:
-        return cls(**json.loads((directory / "progress.json").read_text()))
+        saved = json.loads((directory / "progress.json").read_text())
+        known = {f.name for f in fields(cls)}  # a later version's extra fields are left out, not an error
+        return cls(**{key: value for key, value in saved.items() if key in known})
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

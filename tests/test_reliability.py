@@ -712,3 +712,13 @@ def test_the_checkpoints_schedule_is_known_without_its_main_steps_and_by_epochs(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resume_schedule(steps, new, Schedule.of(new, 6)) == Schedule.of(new, 6)
+
+
+def test_progress_written_by_a_later_version_loads_without_its_extra_fields(tmp_path):
+    from glip_hf.checkpointing import TrainingProgress
+
+    TrainingProgress(step=7, epoch=1, main_steps=9).save(tmp_path)
+    saved = json.loads((tmp_path / "progress.json").read_text())
+    (tmp_path / "progress.json").write_text(json.dumps({**saved, "a_later_field": [1, 2]}))
+    loaded = TrainingProgress.load(tmp_path)
+    assert (loaded.step, loaded.epoch, loaded.main_steps) == (7, 1, 9)
