@@ -38,7 +38,7 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
-from .cli import RunStopped
+from .cli import CONFIG_ERROR_EXIT, RunStopped
 from .configuration_glip import MASKING_FIELDS, GLIPConfig
 from .data import (
     SKIP_REASONS,
@@ -396,9 +396,13 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             global_rows = _global_rows(accelerator, micro_batches)
             if global_rows == 0:
                 # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
-                (stop,) = _any_process(accelerator, signals.requested())
+                stop, read_through = _any_process(accelerator, signals.requested(), progress.epoch > 0)
                 lr = _skip_step(run)
                 progress.empty_steps += 1
+                nothing_yet = progress.empty_steps == progress.step + 1  # neither this step nor any before it
+                if nothing_yet and (read_through or progress.step + 1 == run.total_steps):
+                    bar.close()
+                    _stop(run, _no_sample_message(run, skipped_local), exit_code=CONFIG_ERROR_EXIT)
             else:
                 with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
                     loss = train_step(run.model, run.loss_fn, run.unwrapped, micro_batches, accelerator)
@@ -548,6 +552,18 @@ def _diverged_message(run: _Run, streak: int) -> str:
         f"(--max_nonfinite_steps {run.args.max_nonfinite_steps}); none of them updated the model and {last}. "
         f"Check the data near epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch}; resuming restores "
         "the checkpoint's optimizer and learning rate, so a lower --learning_rate needs a new run."
+    )
+
+
+def _no_sample_message(run: _Run, skipped_local: Counter) -> str:
+    """Why a run whose every step so far had no valid sample stops, once the data has been read through (or at its
+    last step): the same rows would be skipped again, and the model saved would have learned nothing."""
+    skipped = _total_skipped(run.accelerator, run.progress.skipped, skipped_local)
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
+    return (
+        f"no sample could be used in {run.progress.step + 1} step(s): every row read was skipped ({reasons}); check "
+        f"--image_column {run.config.get('image_column')!r} and --caption_column {run.config.get('caption_column')!r}"
+        " (images and caption text), and the data files. The model was not updated."
     )
 
 
