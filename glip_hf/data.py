@@ -691,6 +691,11 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments):
     return train, held_out
 
 
+def text_context(model_args: ModelArguments, model_config) -> int:
+    """The tokens a training text is cut to: ``max_text_length``, within the text tower's positions."""
+    return min(model_args.max_text_length, model_config.text_config.max_position_embeddings)
+
+
 def make_train_collator(
     tokenizer, model_config, image_processor, model_args: ModelArguments, data_args: DataArguments, seed: int
 ) -> ImageTextCollator:
@@ -702,7 +707,7 @@ def make_train_collator(
         list(image_processor.image_std),
         data_args.image_column,
         data_args.caption_column,
-        max_length=min(model_args.max_text_length, model_config.text_config.max_position_embeddings),
+        max_length=text_context(model_args, model_config),
         crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
         seed=seed,
         uint8=data_args.uint8_batches,

@@ -47,6 +47,7 @@ from .data import (
     load_training_data,
     make_image_processor,
     prepare_for_decoding,
+    text_context,
     training_batches,
 )
 from .launch import check_launch, use_cores_on_cpu
@@ -205,6 +206,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         accelerator.print(f"resume_from_checkpoint=auto: no checkpoint in {output_dir} yet; starting from scratch.")
     tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
     model = build_model(model_args, tokenizer)
+    # Saved with the model, the tokenizer cuts texts where training does (its own stated limit may be another).
+    tokenizer.model_max_length = text_context(model_args, model.config)
     image_processor = make_image_processor(
         model.config.vision_config.image_size, model_args.init_from, model_args.trust_remote_code
     )
