@@ -231,11 +231,16 @@ def _sharded_encode(
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     all_kept = [i for part in parts for i in part[1]]
     all_features = [part[0] for part in parts if part[0] is not None]
+    all_skipped = sum((part[2] for part in parts), Counter())
     if not all_features:
-        raise ValueError(f"no {desc} could be encoded: every one was skipped.")
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(all_skipped.items()))
+        raise ValueError(
+            f"no {desc} could be encoded: all {len(indices)} were skipped ({reasons}); check the column that holds "
+            f"them (--image_column, --caption_column) and the data files."
+        )
     stacked = torch.cat(all_features)
     order = sorted(range(len(all_kept)), key=all_kept.__getitem__)
-    return stacked[order], [all_kept[i] for i in order], sum((part[2] for part in parts), Counter())
+    return stacked[order], [all_kept[i] for i in order], all_skipped
 
 
 @dataclass

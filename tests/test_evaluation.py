@@ -144,6 +144,16 @@ def test_undecodable_images_are_counted(saved_model_dir, tmp_path):
     assert result["num_samples"] == 6 and result["num_skipped"] == 2 and result["num_classes"] == 2
 
 
+def test_a_dataset_with_no_decodable_image_is_a_one_line_error_with_the_counts(saved_model_dir, tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": [{"bytes": b"junk", "path": None}] * 2 + [{"bytes": b"", "path": None}], "label": [0, 1, 0]}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"test": split}).save_to_disk(str(tmp_path / "junk"))
+    match = r"no images could be encoded: all 3 were skipped \(empty_image 1, undecodable_image 2\); check"
+    with pytest.raises(ValueError, match=match):
+        evaluate_model(args_for(saved_model_dir, str(tmp_path / "junk")))
+
+
 def test_bad_input_errors_name_what_is_missing(saved_model_dir, eval_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"--image_column 'picture' .* has \['image', 'caption', 'captions'"):
         evaluate_model(args_for(saved_model_dir, eval_dataset, image_column="picture"))
