@@ -74,8 +74,11 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
         if checked is not None:
             shards, features = checked
             data_files, data_dir = (shards if data_files is not None else {split: shards}), None
+    # A parquet file that cannot be read (cut short, not parquet, or without rows, which datasets fails on too) is
+    # left out with a warning naming it, as a damaged webdataset shard is, instead of losing the whole split.
+    options = {"on_bad_files": "warn"} if name == "parquet" else {}
     try:
-        return datasets.load_dataset(
+        loaded = datasets.load_dataset(
             name,
             args.dataset_config_name,
             data_dir=data_dir,
@@ -84,14 +87,26 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
             streaming=args.streaming,
             cache_dir=str(Path(args.cache_dir) / "datasets"),
             features=features,
+            **options,
         )
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise FileNotFoundError(f"dataset {name!r} could not be loaded ({error}); check --dataset_name.") from None
+    except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot read
+        raise ValueError(
+            f"dataset {name!r} could not be read from {data_files or data_dir} ({error.__cause__}); fix or remove "
+            "the file."
+        ) from None
+    except ValueError as error:  # datasets' own: a split it does not have or that has no rows, a malformed file
+        raise ValueError(
+            f"dataset {name!r} from {data_files or data_dir}, split {split!r}: {error}; check the split name, and "
+            "that its files hold rows and are well-formed."
+        ) from None
     except IndexError:  # datasets' folder builders index the first metadata file's rows: an empty one fails so
         raise ValueError(
             f"dataset {name!r} could not be loaded from {data_dir or data_files}: is a metadata file "
             "(metadata.jsonl / .csv) empty? Give it one row per image, or remove it."
         ) from None
+    return loaded
 
 
 # ------------------------------------------------------------------------------------------- webdataset shards
@@ -676,6 +691,11 @@ def load_training_data(data_args: DataArguments, model_args: ModelArguments):
     return train, held_out
 
 
+def text_context(model_args: ModelArguments, model_config) -> int:
+    """The tokens a training text is cut to: ``max_text_length``, within the text tower's positions."""
+    return min(model_args.max_text_length, model_config.text_config.max_position_embeddings)
+
+
 def make_train_collator(
     tokenizer, model_config, image_processor, model_args: ModelArguments, data_args: DataArguments, seed: int
 ) -> ImageTextCollator:
@@ -687,7 +707,7 @@ def make_train_collator(
         list(image_processor.image_std),
         data_args.image_column,
         data_args.caption_column,
-        max_length=min(model_args.max_text_length, model_config.text_config.max_position_embeddings),
+        max_length=text_context(model_args, model_config),
         crop_scale=(data_args.crop_scale_min, data_args.crop_scale_max),
         seed=seed,
         uint8=data_args.uint8_batches,

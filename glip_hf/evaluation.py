@@ -2,8 +2,9 @@
 
 Every task can run with masking off (default) or on (``mask_ratio > 0``: the paper's *masked inference*), batched
 under ``torch.inference_mode``, bf16 on GPU, and sharded across processes when launched with Accelerate. Rows
-without a usable image (missing, empty or undecodable; odd-but-valid images are converted, see ``data.to_rgb``) or,
-for retrieval, without caption text are skipped and counted by reason (``skipped``; ``num_skipped`` is their sum).
+without a usable image (missing, empty or undecodable; odd-but-valid images are converted, see ``data.to_rgb``),
+for retrieval without caption text, and for classification without a label are skipped and counted by reason
+(``skipped``; ``num_skipped`` is their sum).
 Results follow the schema in DESIGN.md.
 """
 
@@ -46,6 +47,8 @@ from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
 from .tokenization import check_ends_with_eos, load_pretrained_tokenizer, pooling_matches
 
 TASKS = ("zeroshot_classification", "retrieval", "linear_probe")
+EVAL_SKIP_REASONS = (*SKIP_REASONS, "missing_label")
+NO_LABEL = -1  # datasets' ClassLabel value for a row without a label (test splits whose labels are withheld)
 BUILTIN = "builtin"
 DEFAULT_MODEL_DIR = Path("outputs/default")
 # Generic prompts for photos when a dataset brings none (averaged in embedding space, as CLIP does).
@@ -169,6 +172,37 @@ def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) ->
     return names, templates
 
 
+def labelled_rows(
+    dataset: datasets.Dataset, label_column: str, num_classes: int | None = None
+) -> tuple[datasets.Dataset, int]:
+    """``(rows of dataset that have a class id, how many have none)``: a label of None or -1 (datasets' "no label")
+    is a row to skip and count as ``missing_label``. A label that is no integer, below -1, or (with ``num_classes``)
+    ``num_classes`` or more is a one-line ValueError: the column or the class names do not fit the task."""
+    labels = dataset[label_column]
+    for value in labels:
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(
+                f"--label_column {label_column!r} holds {value!r} ({type(value).__name__}), not a class id; "
+                "pass the column of integer labels (or a ClassLabel)."
+            )
+        if value < NO_LABEL:
+            raise ValueError(f"--label_column {label_column!r} holds class id {value}; ids are 0 or more (-1: none).")
+        if num_classes is not None and value >= num_classes:
+            raise ValueError(
+                f"--label_column {label_column!r} holds class id {value}, but there are {num_classes} class names; "
+                "pass --class_names FILE with a name for every id (one per line, in id order)."
+            )
+    keep = [i for i, value in enumerate(labels) if value is not None and value != NO_LABEL]
+    if not keep:
+        raise ValueError(
+            f"no row has a label in --label_column {label_column!r} (every one is None or -1, as in test splits "
+            "whose labels are withheld); evaluate a split that has labels."
+        )
+    return (dataset if len(keep) == len(labels) else dataset.select(keep)), len(labels) - len(keep)
+
+
 # ------------------------------------------------------------------------------------------------------ encoding
 
 
@@ -197,11 +231,16 @@ def _sharded_encode(
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     all_kept = [i for part in parts for i in part[1]]
     all_features = [part[0] for part in parts if part[0] is not None]
+    all_skipped = sum((part[2] for part in parts), Counter())
     if not all_features:
-        raise ValueError(f"no {desc} could be encoded: every one was skipped.")
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(all_skipped.items()))
+        raise ValueError(
+            f"no {desc} could be encoded: all {len(indices)} were skipped ({reasons}); check the column that holds "
+            f"them (--image_column, --caption_column) and the data files."
+        )
     stacked = torch.cat(all_features)
     order = sorted(range(len(all_kept)), key=all_kept.__getitem__)
-    return stacked[order], [all_kept[i] for i in order], sum((part[2] for part in parts), Counter())
+    return stacked[order], [all_kept[i] for i in order], all_skipped
 
 
 @dataclass
@@ -297,13 +336,16 @@ def zero_shot_on_dataset(
     mask_draws: Sequence[MaskDraw | None] = (None,),
 ) -> list[dict[str, Any]]:
     """Zero-shot classification of ``dataset`` rows (images undecoded or decoded): counts and metrics for each mask
-    draw (one entry for unmasked inference). The class embeddings do not depend on the masks: encoded once."""
+    draw (one entry for unmasked inference). The class embeddings do not depend on the masks: encoded once.
+    Rows without a label are skipped and counted (`labelled_rows`)."""
+    dataset, unlabelled = labelled_rows(dataset, label_column, len(class_names))
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates, batch_size, accelerator)
     results = []
     for mask_draw in mask_draws:
         features, kept, skipped = encode_images(
             model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw
         )
+        skipped["missing_label"] += unlabelled
         labels = torch.tensor(dataset.select(kept)[label_column])
         metrics = classification_metrics(features @ classifier.t().cpu(), labels, len(class_names))
         results.append(
@@ -483,16 +525,17 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_
             continue
         dataset = load_eval_split(args, split, model)
         check_columns(dataset, {"label_column": args.label_column}, f"{args.dataset or BUILTIN}[{split}]")
-        datasets_by_role[role] = dataset
+        datasets_by_role[role] = labelled_rows(dataset, args.label_column)  # (labelled rows, unlabelled count)
     return [_linear_probe(args, model, image_processor, accelerator, datasets_by_role, d) for d in mask_draws]
 
 
 def _linear_probe(args, model, image_processor, accelerator, datasets_by_role, mask_draw) -> dict[str, Any]:
     encoded = {}
-    for role, dataset in datasets_by_role.items():
+    for role, (dataset, unlabelled) in datasets_by_role.items():
         features, kept, skipped = encode_images(
             model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw
         )
+        skipped["missing_label"] += unlabelled
         labels = torch.tensor(dataset.select(kept)[args.label_column], dtype=torch.long)
         encoded[role] = (features, labels, skipped)
     num_classes = int(max(int(e[1].max()) for e in encoded.values())) + 1
@@ -553,10 +596,10 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
 
 
 def skip_counts(skipped: Counter) -> dict[str, Any]:
-    """``{"num_skipped": total, "skipped": {reason: count}}`` over every reason in ``SKIP_REASONS``."""
+    """``{"num_skipped": total, "skipped": {reason: count}}`` over every reason in ``EVAL_SKIP_REASONS``."""
     return {
         "num_skipped": sum(skipped.values()),
-        "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS},
+        "skipped": {reason: skipped.get(reason, 0) for reason in EVAL_SKIP_REASONS},
     }
 
 

@@ -127,7 +127,8 @@ def text_config_overrides(tokenizer) -> dict[str, int]:
 
 
 def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained(name_or_path)``, or None when it holds no tokenizer.
+    """``AutoTokenizer.from_pretrained(name_or_path)``, or None when it holds no tokenizer. It pads on the right,
+    with its end-of-text token when it has no padding token of its own.
 
     A folder without tokenizer files can still yield a tokenizer of special tokens only (transformers builds an
     empty CLIPTokenizer for a CLIP config): that counts as missing too, since it maps every word to one id.
@@ -152,6 +153,8 @@ def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None, 
     # CLIP's text tower reads texts from position 0 and pools at the first end-of-text token, which is often also
     # the padding token: padding on the left would pool a padded text at its padding.
     tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # as CLIP's own tokenizer pads (GPT-2's has no padding token)
     if max_length is not None:
         tokenizer.model_max_length = min(tokenizer.model_max_length, max_length)
     return tokenizer

@@ -39,7 +39,7 @@ from .checkpointing import (
     save_checkpoint,
     truncate_metrics,
 )
-from .cli import RunStopped
+from .cli import CONFIG_ERROR_EXIT, RunStopped
 from .configuration_glip import MASKING_FIELDS, GLIPConfig
 from .data import (
     SKIP_REASONS,
@@ -48,6 +48,7 @@ from .data import (
     load_training_data,
     make_image_processor,
     prepare_for_decoding,
+    text_context,
     training_batches,
 )
 from .launch import check_launch, use_cores_on_cpu
@@ -206,6 +207,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         accelerator.print(f"resume_from_checkpoint=auto: no checkpoint in {output_dir} yet; starting from scratch.")
     tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
     model = build_model(model_args, tokenizer)
+    # Saved with the model, the tokenizer cuts texts where training does (its own stated limit may be another).
+    tokenizer.model_max_length = text_context(model_args, model.config)
     image_processor = make_image_processor(
         model.config.vision_config.image_size, model_args.init_from, model_args.trust_remote_code
     )
@@ -402,9 +405,13 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             global_rows = _global_rows(accelerator, micro_batches)
             if global_rows == 0:
                 # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
-                (stop,) = _any_process(accelerator, signals.requested())
+                stop, read_through = _any_process(accelerator, signals.requested(), progress.epoch > 0)
                 lr = _skip_step(run)
                 progress.empty_steps += 1
+                nothing_yet = progress.empty_steps == progress.step + 1  # neither this step nor any before it
+                if nothing_yet and (read_through or progress.step + 1 == run.total_steps):
+                    bar.close()
+                    _stop(run, _no_sample_message(run, skipped_local), exit_code=CONFIG_ERROR_EXIT)
             else:
                 with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
                     loss = train_step(run.model, run.loss_fn, run.unwrapped, micro_batches, accelerator)
@@ -554,6 +561,18 @@ def _diverged_message(run: _Run, streak: int) -> str:
         f"(--max_nonfinite_steps {run.args.max_nonfinite_steps}); none of them updated the model and {last}. "
         f"Check the data near epoch {run.progress.epoch}, batch {run.progress.batch_in_epoch}; resuming restores "
         "the checkpoint's optimizer and learning rate, so a lower --learning_rate needs a new run."
+    )
+
+
+def _no_sample_message(run: _Run, skipped_local: Counter) -> str:
+    """Why a run whose every step so far had no valid sample stops, once the data has been read through (or at its
+    last step): the same rows would be skipped again, and the model saved would have learned nothing."""
+    skipped = _total_skipped(run.accelerator, run.progress.skipped, skipped_local)
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items() if count)
+    return (
+        f"no sample could be used in {run.progress.step + 1} step(s): every row read was skipped ({reasons}); check "
+        f"--image_column {run.config.get('image_column')!r} and --caption_column {run.config.get('caption_column')!r}"
+        " (images and caption text), and the data files. The model was not updated."
     )
 
 

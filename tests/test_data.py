@@ -73,6 +73,21 @@ def test_saved_dataset_and_wrong_column_error_lists_columns(tmp_path):
         load_image_text_dataset(data_args(tmp_path, dataset_name="parquet", data_files="nope.parquet"), "train")
 
 
+def test_an_empty_or_damaged_parquet_file_is_left_out_and_a_split_with_no_rows_is_a_one_line_error(tmp_path, caplog):
+    root = tmp_path / "shards"
+    root.mkdir()
+    make_parquet(root / "a.parquet", n=4)
+    make_parquet(root / "b.parquet", n=0)  # a shard with no rows: valid parquet, which datasets fails to read
+    (root / "c.parquet").write_bytes(b"not parquet")
+    for streaming in (False, True):
+        args = data_args(tmp_path, dataset_name="parquet", data_files=str(root / "*.parquet"), streaming=streaming)
+        assert len(list(load_image_text_dataset(args, "train").select_columns(["caption"]))) == 4
+    assert "c.parquet" in caplog.text  # left out with a warning naming it
+    empty = data_args(tmp_path, dataset_name="parquet", data_files=str(root / "b.parquet"))
+    with pytest.raises(ValueError, match=r"dataset 'parquet' from .*b\.parquet, split 'train': .* no data.*hold rows"):
+        load_image_text_dataset(empty, "train")
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path, tokenizer):
     path, expected = make_broken_dataset(tmp_path / "broken")
     batch = collate(datasets.load_from_disk(str(path)), tokenizer)

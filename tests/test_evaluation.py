@@ -144,6 +144,16 @@ def test_undecodable_images_are_counted(saved_model_dir, tmp_path):
     assert result["num_samples"] == 6 and result["num_skipped"] == 2 and result["num_classes"] == 2
 
 
+def test_a_dataset_with_no_decodable_image_is_a_one_line_error_with_the_counts(saved_model_dir, tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    rows = {"image": [{"bytes": b"junk", "path": None}] * 2 + [{"bytes": b"", "path": None}], "label": [0, 1, 0]}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"test": split}).save_to_disk(str(tmp_path / "junk"))
+    match = r"no images could be encoded: all 3 were skipped \(empty_image 1, undecodable_image 2\); check"
+    with pytest.raises(ValueError, match=match):
+        evaluate_model(args_for(saved_model_dir, str(tmp_path / "junk")))
+
+
 def test_bad_input_errors_name_what_is_missing(saved_model_dir, eval_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"--image_column 'picture' .* has \['image', 'caption', 'captions'"):
         evaluate_model(args_for(saved_model_dir, eval_dataset, image_column="picture"))
@@ -164,6 +174,44 @@ def test_bad_input_errors_name_what_is_missing(saved_model_dir, eval_dataset, tm
         evaluate_model(args_for(saved_model_dir, eval_dataset, templates=str(bad_templates)))
     with pytest.raises(ValueError, match="--task"):
         evaluate_model(args_for(saved_model_dir, eval_dataset, task="captioning"))
+
+
+def partly_labelled_dataset(path: Path) -> str:
+    """8 images in a train and a test split: 4 labelled, 2 with None and 2 with -1 (datasets' ClassLabel "no
+    label", as in test splits whose labels are withheld); ``raw`` holds an id past 2 classes, ``word`` strings."""
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["a", "b"]),
+            "raw": datasets.Value("int64"),
+            "word": datasets.Value("string"),
+        }
+    )
+    rows = {
+        "image": [{"bytes": png_bytes(i, IMAGE_SIZE), "path": None} for i in range(8)],
+        "label": [0, 1, None, -1, 1, 0, -1, None],
+        "raw": [0, 1, 0, 5, 1, 0, 1, 0],
+        "word": ["a", "b"] * 4,
+    }
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(path / "partly"))
+    labelled = split.select([i for i, label in enumerate(rows["label"]) if label is not None and label >= 0])
+    datasets.DatasetDict({"train": labelled, "test": labelled}).save_to_disk(str(path / "labelled"))
+    return str(path / "partly"), str(path / "labelled")
+
+
+def test_rows_without_a_label_are_skipped_and_bad_labels_are_one_line_errors(saved_model_dir, tmp_path):
+    partly, labelled = partly_labelled_dataset(tmp_path)
+    for task, unlabelled in (("zeroshot_classification", 4), ("linear_probe", 8)):  # the probe reads 2 splits
+        result = evaluate_model(args_for(saved_model_dir, partly, task=task))
+        assert result["num_samples"] == 4 and result["skipped"]["missing_label"] == result["num_skipped"] == unlabelled
+        assert result["metrics"] == evaluate_model(args_for(saved_model_dir, labelled, task=task))["metrics"]
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    with pytest.raises(ValueError, match=r"--label_column 'raw' holds class id 5, but there are 2 class names"):
+        evaluate_model(args_for(saved_model_dir, partly, label_column="raw", class_names=str(names)))
+    with pytest.raises(ValueError, match=r"--label_column 'word' .* 'a' \(str\)"):
+        evaluate_model(args_for(saved_model_dir, partly, task="linear_probe", label_column="word"))
 
 
 def test_missing_default_model_says_how_to_make_it(tmp_path, monkeypatch):

@@ -190,6 +190,33 @@ def test_training_on_the_messy_dataset_skips_exactly_the_bad_rows(messy, tmp_pat
     assert summary["empty_steps"] == 0
 
 
+@pytest.mark.parametrize(
+    "rows, flags, steps, skipped",
+    [
+        (8, ["--num_train_epochs", "3"], 3, {"undecodable_image": 12}),  # stops once the data has been read through
+        (16, ["--max_steps", "2"], 2, {"missing_caption": 8}),  # or at the run's last step
+    ],
+    ids=["junk-images", "number-captions"],
+)
+def test_data_with_no_usable_sample_stops_the_run_with_one_line(
+    tmp_path, rows, flags, steps, skipped, fresh_accelerator_state
+):
+    from glip_hf.cli import RunStopped
+
+    junk = rows == 8
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string" if junk else "int64")})
+    image = {"bytes": b"junk" if junk else encode_image(render_example_scene(16)), "path": None}
+    columns = {"image": [image] * rows, "caption": ["a caption"] * rows if junk else list(range(rows))}
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "bad"))
+    data = ["--dataset_name", str(tmp_path / "bad"), "--per_device_train_batch_size", "4"]
+    with pytest.raises(RunStopped, match=r"no sample could be used in .* --caption_column 'caption'") as stopped:
+        run(tmp_path, *data, *flags)
+    assert stopped.value.exit_code == 2
+    reason, count = next(iter(skipped.items()))
+    assert f"{steps} step(s)" in str(stopped.value) and f"{reason} {count}" in str(stopped.value)
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # no model trained on nothing
+
+
 @pytest.mark.parametrize("streaming, source", [(False, "data_files"), (True, "data_files"), (False, "data_dir")])
 def test_training_on_damaged_webdataset_shards(tmp_path, streaming, source, fresh_accelerator_state):
     root, expected, rows = make_messy_webdataset(tmp_path / "shards")

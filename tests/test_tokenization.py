@@ -87,3 +87,27 @@ def test_checkpoint_without_tokenizer_files_is_missing_not_empty(tmp_path, model
     (tmp_path / "empty-folder").mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer_name .*empty-folder' holds no tokenizer"):
         load_or_train_tokenizer(str(tmp_path / "empty-folder"), caption_corpus, must_load=True)
+
+
+def test_a_tokenizer_without_a_padding_token_pads_with_its_end_of_text(tmp_path):
+    """GPT-2's layout: byte-level BPE, one <|endoftext|> (bos = eos = id 0), appended to every text, no pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    backend.train_from_iterator(caption_corpus(), trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)]
+    )
+    eos = "<|endoftext|>"
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eos, eos_token=eos).save_pretrained(tmp_path / "gpt2")
+    tokenizer = load_or_train_tokenizer(str(tmp_path / "gpt2"), caption_corpus, max_length=16, must_load=True)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == 0
+    texts = ["a red circle", "there is a large blue star in the middle of the picture, and more"]
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    first_eos = (tokens["input_ids"] == 0).int().argmax(dim=-1)  # where CLIP's text tower pools
+    assert first_eos.tolist() == (tokens["attention_mask"].sum(dim=-1) - 1).tolist()  # the end of each text
+    assert first_eos[0] < 15 and first_eos[1] == 15  # the long one cut to the context, ending with its eos

@@ -587,3 +587,22 @@ def test_lean_activations_train_like_the_plain_ones(tmp_path, capsys):
             continue
         scale = a[name].abs().max().item() + 1e-12
         assert (a[name] - b[name]).abs().max().item() <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("stated", [8, int(1e30)], ids=["shorter", "sentinel"])
+def test_the_saved_tokenizer_truncates_where_training_did(tmp_path, tokenizer, stated):
+    """A tokenizer may state a shorter limit than --max_text_length (16 here), or a huge sentinel: the run trains
+    at the text tower's context, so its saved tokenizer (what the pipeline and users load) must say that one."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": stated}))
+    result = run(tmp_path, "--tokenizer_name", str(tmp_path / "tok"), "--max_steps", "1", "--eval_at_end", "false")
+    saved = AutoTokenizer.from_pretrained(result.output_dir)
+    assert (
+        saved.model_max_length
+        == GLIPModel.from_pretrained(result.output_dir).config.text_config.max_position_embeddings
+        == 16
+    )
+    assert len(saved("a red circle " * 20, truncation=True)["input_ids"]) == 16
