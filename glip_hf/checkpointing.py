@@ -205,6 +205,14 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
         )
 
 
+def restored_settings(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's values of the settings a resume restores (`RESUME_RESTORED`): the run records these, not
+    the command line's, so that a later resume from its checkpoints reads the values it trained with."""
+    saved = checkpoint / "run_config.yaml"
+    before = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    return {key: before[key] for key in RESUME_RESTORED if key in before}
+
+
 def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule) -> Schedule:
     """The schedule a run resumed from ``checkpoint`` follows: ``schedule`` (this command's) with the checkpoint's
     tuning ratio (its base learning rates are restored). A change the checkpoint's steps allow (while no unmasked
