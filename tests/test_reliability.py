@@ -701,7 +701,7 @@ def test_the_checkpoints_schedule_is_known_without_its_main_steps_and_by_epochs(
     run = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0")
     recorded = checkpoint("recorded", {"step": 4, "main_steps": 10}, run)
     new = config("--num_train_epochs", "3", "--unmasked_tuning_steps", "0")
-    with pytest.warns(UserWarning, match=r"changes its schedule to 15 masked steps"):
+    with pytest.warns(UserWarning, match=r"changes its schedule with num_train_epochs=3\.0 \(was 2\.0\) to 15 masked"):
         resume_schedule(recorded, new, Schedule.of(new, 15))
     new = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0", "--gradient_accumulation_steps", "4")
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4 \(was 1\) would end the masked stage at "):
