@@ -449,6 +449,17 @@ def busy_microseconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def device_intervals(events: list) -> list[tuple[float, float]]:
+    """``(start, end)`` in microseconds of what ran on a CUDA device in a torch.profiler trace (``prof.events()``):
+    kernels, copies and sets. Not the user annotations the profiler also places on the device's timeline (a
+    ``record_function`` range such as ``Optimizer.step`` or a compiled graph's call, from its first kernel to its
+    last, gaps included), which torch's own device-time totals leave out too."""
+    from torch.autograd import DeviceType
+
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    return [(e.time_range.start, e.time_range.end) for e in on_device]
+
+
 def profile_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, folder: Path, steps: int = 3) -> None:
     """Trace ``steps`` more training steps with torch.profiler (after `time_steps`, so warmed up and compiled).
 
@@ -456,7 +467,6 @@ def profile_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, folder: 
     a CPU). On CUDA, sets ``row.device_busy_ms``: the time per step some kernel or copy ran on the device; the rest
     of ``step_ms`` the device waited (for the host, or a synchronisation).
     """
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.cuda else [])
@@ -467,8 +477,7 @@ def profile_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, folder: 
             variant.step(*inputs[i % len(inputs)])
         setup.sync()
     if setup.cuda:
-        device = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
-        row.device_busy_ms = busy_microseconds(device) / 1e3 / steps
+        row.device_busy_ms = busy_microseconds(device_intervals(prof.events())) / 1e3 / steps
     sort = "self_device_time_total" if setup.cuda else "self_cpu_time_total"
     head = f"{profile_name(row)}: {steps} steps traced; untraced median step {row.step_ms:.2f} ms, issued in "
     head += f"{row.host_ms:.2f} ms" + (f"; device busy {row.device_busy_ms:.2f} ms per step" if setup.cuda else "")

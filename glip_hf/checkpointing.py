@@ -205,6 +205,14 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
         )
 
 
+def restored_settings(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's values of the settings a resume restores (`RESUME_RESTORED`): the run records these, not
+    the command line's, so that a later resume from its checkpoints reads the values it trained with."""
+    saved = checkpoint / "run_config.yaml"
+    before = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    return {key: before[key] for key in RESUME_RESTORED if key in before}
+
+
 def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule) -> Schedule:
     """The schedule a run resumed from ``checkpoint`` follows: ``schedule`` (this command's) with the checkpoint's
     tuning ratio (its base learning rates are restored). A change the checkpoint's steps allow (while no unmasked
@@ -220,7 +228,8 @@ def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule
     if new == old:
         return new
     where = f"resume_from_checkpoint={checkpoint} is at step {step}, {old.stage(step)}"
-    masked, undo = _changed(before, config, _MASKED_FLAGS if before.get("max_steps", -1) <= 0 else ("max_steps",))
+    stage_flags = _MASKED_FLAGS if before.get("max_steps", -1) <= 0 else ("max_steps",)
+    masked, undo = _changed(before, config, stage_flags)
     if step > old.main_steps and (new.main_steps, new.warmup_steps) != (old.main_steps, old.warmup_steps):
         if new.main_steps == old.main_steps:
             masked, undo = _changed(before, config, ("warmup_steps", "warmup_ratio"))
@@ -244,10 +253,11 @@ def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule
     was = f"{base * old.multiplier(step):.4g}" if step < old.main_steps + old.tuning_steps else "none (it had ended)"
     now = f"{base * new.multiplier(step):.4g}"
     jump = f"stays {now}" if was == now else f"goes from {was} to {now}"
+    changed = _changed(before, config, (*stage_flags, "warmup_steps", "warmup_ratio", "unmasked_tuning_steps"))[0]
     warnings.warn(
-        f"{where}, and this run changes its schedule to {new.main_steps} masked steps ({new.warmup_steps} warmup) "
-        f"+ {new.tuning_steps} unmasked tuning steps: the learning rate of step {step + 1} {jump}, and the run "
-        "follows the new schedule from there.",
+        f"{where}, and this run changes its schedule with {changed} to {new.main_steps} masked steps "
+        f"({new.warmup_steps} warmup) + {new.tuning_steps} unmasked tuning steps: the learning rate of step "
+        f"{step + 1} {jump}, and the run follows the new schedule from there.",
         stacklevel=2,
     )
     return new

@@ -35,6 +35,7 @@ from .checkpointing import (
     list_checkpoints,
     load_loss_state,
     plan_start,
+    restored_settings,
     resume_schedule,
     save_checkpoint,
     truncate_metrics,
@@ -187,6 +188,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     checkpoint = plan.checkpoint
     if checkpoint is not None:
         check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
+        run_config.update(restored_settings(checkpoint))  # what this run trains with, recorded for its next resume
     if model_args.init_from:
         check_init_from(model_args.init_from)
     if training_args.push_to_hub:

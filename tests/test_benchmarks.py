@@ -90,6 +90,20 @@ def test_busy_time_is_the_union_of_the_intervals():
     assert throughput.busy_microseconds([(0, 10), (10, 20)]) == 20
 
 
+def test_busy_time_counts_what_ran_on_the_device_not_the_annotated_ranges():
+    """torch.profiler also puts each ``record_function`` range (``Optimizer.step``, a compiled graph's call) on the
+    device's timeline, from its first kernel to its last: counted, it would fill the gaps between the kernels."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(start: float, end: float, device: DeviceType, annotation: bool = False) -> FunctionEvent:
+        return FunctionEvent(0, "e", 0, start, end, device_type=device, is_user_annotation=annotation)
+
+    kernels = [event(0, 10, DeviceType.CUDA), event(90, 100, DeviceType.CUDA)]
+    others = [event(0, 100, DeviceType.CUDA, annotation=True), event(0, 100, DeviceType.CPU)]
+    assert throughput.device_intervals(kernels + others) == [(0, 10), (90, 100)]
+
+
 def test_cpu_smoke_run_of_both_implementations(tmp_path):
     """Both sides in one process, as on the GPU: open_clip imports torchvision, so this runs in the open_clip
     environment (torch 2.14.1 + torchvision 0.29.1, the project installed beside)."""

@@ -701,7 +701,7 @@ def test_the_checkpoints_schedule_is_known_without_its_main_steps_and_by_epochs(
     run = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0")
     recorded = checkpoint("recorded", {"step": 4, "main_steps": 10}, run)
     new = config("--num_train_epochs", "3", "--unmasked_tuning_steps", "0")
-    with pytest.warns(UserWarning, match=r"changes its schedule to 15 masked steps"):
+    with pytest.warns(UserWarning, match=r"changes its schedule with num_train_epochs=3\.0 \(was 2\.0\) to 15 masked"):
         resume_schedule(recorded, new, Schedule.of(new, 15))
     new = config("--num_train_epochs", "2", "--unmasked_tuning_steps", "0", "--gradient_accumulation_steps", "4")
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps=4 \(was 1\) would end the masked stage at "):
@@ -712,6 +712,23 @@ def test_the_checkpoints_schedule_is_known_without_its_main_steps_and_by_epochs(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resume_schedule(steps, new, Schedule.of(new, 6)) == Schedule.of(new, 6)
+
+
+def test_a_setting_the_checkpoint_keeps_is_recorded_as_kept_for_the_next_resume(tmp_path):
+    """--unmasked_tuning_learning_rate on a resume has no effect (the warning says so: tuning keeps the checkpoint's
+    ratio to the restored base rate); the checkpoints that run writes record the value it used, so that resuming
+    one of them with the same command warns again and still has no effect (it made tuning's lr 10x, silently)."""
+    flags = ["--max_steps", "1", "--unmasked_tuning_steps", "3", "--save_steps", "1", "--save_total_limit", "5"]
+    in_process(tmp_path, *flags)
+    reference, checkpoints = lrs(tmp_path / "out"), tmp_path / "out" / "checkpoints"
+    for step in (1, 2):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with pytest.warns(UserWarning, match=r"keeps its optimizer state .*unmasked_tuning_learning_rate=1e-05 \("):
+            in_process(
+                tmp_path, *flags, "--unmasked_tuning_learning_rate", "1e-4",
+                "--resume_from_checkpoint", str(checkpoints / f"checkpoint-{step}"),
+            )  # fmt: skip
+    assert lrs(tmp_path / "out") == reference
 
 
 def test_progress_written_by_a_later_version_loads_without_its_extra_fields(tmp_path):
