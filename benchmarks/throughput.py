@@ -472,10 +472,16 @@ def profile_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, folder: 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.cuda else [])
     inputs = _inputs(dims, row.batch, setup.device)
     setup.sync()
-    with profile(activities=activities) as prof:
-        for i in range(steps):
-            variant.step(*inputs[i % len(inputs)])
-        setup.sync()
+    try:
+        with profile(activities=activities) as prof:
+            for i in range(steps):
+                variant.step(*inputs[i % len(inputs)])
+            setup.sync()
+    except Exception as error:  # the row's timings stand; only its profile is lost
+        row.extra["profile_error"] = ("OOM" if _is_oom(error) else repr(error))[:400]
+        variant.optimizer.zero_grad(set_to_none=True)
+        _release(setup)
+        return
     if setup.cuda:
         row.device_busy_ms = busy_microseconds(device_intervals(prof.events())) / 1e3 / steps
     sort = "self_device_time_total" if setup.cuda else "self_cpu_time_total"

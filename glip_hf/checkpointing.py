@@ -236,7 +236,9 @@ def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule
         raise ValueError(
             f"{where}; {masked} would change its masked stage ({old.main_steps} steps, {old.warmup_steps} warmup), "
             f"which ended at step {old.main_steps}: resume with {undo}, or train on in a new run with "
-            f"--init_from {config.get('output_dir')} (the model this run saves at its end)."
+            f"--init_from {config.get('output_dir')} (the model this run saves at its end"
+            + ("" if step >= old.main_steps + old.tuning_steps else f", once resumed with {undo} to its end")
+            + ")."
         )
     if new.main_steps < step and new.main_steps != old.main_steps:
         raise ValueError(

@@ -187,7 +187,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
     checkpoint = plan.checkpoint
     if checkpoint is not None:
-        check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
+        with _warnings_once(accelerator):
+            check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
         run_config.update(restored_settings(checkpoint))  # what this run trains with, recorded for its next resume
     if model_args.init_from:
         check_init_from(model_args.init_from)
@@ -237,7 +238,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     main_steps = _main_steps(data.per_epoch, training_args, accelerator)
     schedule = Schedule.of(run_config, main_steps)
     if checkpoint is not None:  # a schedule the checkpoint's steps rule out fails here, before any write
-        schedule = resume_schedule(checkpoint, run_config, schedule)
+        with _warnings_once(accelerator):
+            schedule = resume_schedule(checkpoint, run_config, schedule)
     scheduler = accelerator.prepare(build_scheduler(optimizer, schedule))
     seed_mask_stream(training_args.seed, accelerator.process_index)  # a resume restores the per-process state
     accelerator.wait_for_everyone()
@@ -280,6 +282,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     del model, optimizer, scheduler  # `run` is their one owner, so that `_end` can release the wrapped model
     metrics = _train_loop(run, data.batches(progress))
     return _finish(run, held_out, data_args, metrics)
+
+
+@contextlib.contextmanager
+def _warnings_once(accelerator: Accelerator) -> Iterator[None]:
+    """Warnings raised inside the block are shown by the main process only (every process runs the same checks)."""
+    with warnings.catch_warnings():
+        if not accelerator.is_main_process:
+            warnings.simplefilter("ignore")
+        yield
 
 
 def _main_steps(per_epoch: int | None, training_args: TrainingArguments, accelerator: Accelerator) -> int:

@@ -82,10 +82,10 @@ def tiny_config(tokenizer=None, **overrides) -> GLIPConfig:
     return GLIPConfig(text_config=text, vision_config=vision, projection_dim=16, **overrides)
 
 
-def launch_two_processes(script, *args: str, port: int, cwd=None, config_file=None) -> None:
+def launch_two_processes(script, *args: str, port: int, cwd=None, config_file=None) -> str:
     """Run ``script`` under ``accelerate launch --multi_gpu --num_processes 2``: two gloo ranks on the CPU; with
     ``config_file``, under that accelerate config instead of ``--multi_gpu`` (still two processes, no mixed
-    precision)."""
+    precision). Returns what both processes printed (stdout and stderr); a failure shows its end."""
     import subprocess
     import sys
 
@@ -107,7 +107,12 @@ def launch_two_processes(script, *args: str, port: int, cwd=None, config_file=No
         str(script),
         *map(str, args),
     ]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=cwd)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, env=env, timeout=300, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stdout[-4000:]}"
+    return done.stdout
 
 
 def caption_corpus() -> list[str]:

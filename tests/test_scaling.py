@@ -103,15 +103,16 @@ def test_fsdp_trains_checkpoints_resumes_and_saves_a_full_model(ddp_run, tmp_pat
 
     resumed = tmp_path / "resumed"
     shutil.copytree(checkpoint, resumed / "checkpoints" / "checkpoint-2")
-    launch_two_processes(
+    printed = launch_two_processes(
         script,
         *FLAGS,
         *("--output_dir", resumed, "--cache_dir", cache, "--resume_from_checkpoint", "latest"),
-        *("--eval_at_end", "false"),
+        *("--eval_at_end", "false", "--weight_decay", "0.123"),  # the checkpoint's value wins (same weights below)
         port=29544,
         cwd=tmp_path,
         config_file=ACCELERATE_CONFIGS / "fsdp_shard_grad_op.yaml",
     )
+    assert printed.count("keeps its optimizer state and base learning rates: weight_decay=") == 1  # main process only
     weights, reference = load_file(full / "model.safetensors"), load_file(ddp_run / "model.safetensors")
     for name, tensor in load_file(resumed / "model.safetensors").items():
         assert torch.equal(tensor, weights[name]), name
