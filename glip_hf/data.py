@@ -800,9 +800,31 @@ def make_train_dataloader(
     return torch.utils.data.DataLoader(stream, **loader_kwargs)
 
 
-def epoch_batches(dataloader, collator: ImageTextCollator, progress, accelerator, streaming: bool) -> Iterator[dict]:
+def describe_source(data_args: DataArguments) -> str:
+    """The training data as its flags name it, for messages (``dataset 'parquet' from d/*.parquet, split 'train'``)."""
+    where = data_args.data_files or data_args.data_dir
+    name = "the built-in dataset" if data_args.dataset_name is None else f"dataset {data_args.dataset_name!r}"
+    return f"{name}{f' from {where}' if where else ''}, split {data_args.train_split!r}"
+
+
+def no_batch_error(stream, source: str, accelerator) -> ValueError:
+    """Why an epoch gave no batch: a ``stream`` (None for map-style data, whose size is checked up front) with no
+    row at all, or fewer rows than one batch. ``source``: `describe_source`."""
+    if stream is not None and next(iter(stream), None) is None:
+        share = "" if accelerator.num_processes == 1 else f" (process {accelerator.process_index}'s share)"
+        return ValueError(
+            f"the training data has no rows{share}: {source} yields none (are its files empty?); give it files that "
+            "hold rows."
+        )
+    return ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
+
+
+def epoch_batches(
+    dataloader, collator: ImageTextCollator, progress, accelerator, streaming: bool, source: str = "the data"
+) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch, starting at ``progress`` (a ``TrainingProgress``: mid-epoch on
-    resume), which is kept up to date with the position of the last batch yielded."""
+    resume), which is kept up to date with the position of the last batch yielded. ``source`` names the data in the
+    error raised when an epoch gives no batch (`no_batch_error`)."""
     epoch, start = progress.epoch, progress.batch_in_epoch
     while True:
         collator.epoch = epoch
@@ -818,7 +840,7 @@ def epoch_batches(dataloader, collator: ImageTextCollator, progress, accelerator
             produced = True
             yield batch
         if not produced and start == 0:
-            raise ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
+            raise no_batch_error(dataloader.dataset if streaming else None, source, accelerator)
         epoch, start = epoch + 1, 0
         progress.epoch, progress.batch_in_epoch = epoch, 0
 
@@ -836,6 +858,7 @@ class TrainingBatches:
     collator: ImageTextCollator
     accelerator: Any
     streaming: bool
+    source: str = "the training data"  # `describe_source`, for errors
 
     @property
     def per_epoch(self) -> int | None:
@@ -848,7 +871,8 @@ class TrainingBatches:
         device = self.accelerator.device
         non_blocking = device.type == "cuda"
         mean, std = self.collator.image_mean.to(device), self.collator.image_std.to(device)
-        for batch in epoch_batches(self.dataloader, self.collator, progress, self.accelerator, self.streaming):
+        epochs = epoch_batches(self.dataloader, self.collator, progress, self.accelerator, self.streaming, self.source)
+        for batch in epochs:
             moved = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k != "skipped"}
             if moved["pixel_values"].dtype == torch.uint8:
                 moved["pixel_values"] = normalize_pixels(moved["pixel_values"], mean, std)
@@ -871,4 +895,4 @@ def training_batches(
     dataloader = make_train_dataloader(train_data, collator, data_args, training_args, accelerator)
     if not data_args.streaming:
         dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
-    return TrainingBatches(dataloader, collator, accelerator, data_args.streaming)
+    return TrainingBatches(dataloader, collator, accelerator, data_args.streaming, describe_source(data_args))

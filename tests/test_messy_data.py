@@ -18,6 +18,7 @@ from datasets_util import (
     grey_16bit,
     make_messy_dataset,
     make_messy_webdataset,
+    make_parquet,
     make_relative_path_table,
     png_bytes,
     transparent_palette,
@@ -233,6 +234,20 @@ def test_training_on_damaged_webdataset_shards(tmp_path, streaming, source, fres
         result, summary = run(tmp_path, *flags)
     assert result.steps == rows // 5 == 4
     assert {k: v for k, v in summary["skipped"].items() if v} == expected
+
+
+def test_a_stream_of_parquet_files_without_rows_says_the_data_has_none(tmp_path, monkeypatch, fresh_accelerator_state):
+    # datasets sleeps this long each time a parquet stream closes (an arrow threading workaround): twice here.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    root = tmp_path / "shards"
+    root.mkdir()
+    make_parquet(root / "a.parquet", n=0)
+    make_parquet(root / "b.parquet", n=0)
+    data = ["--dataset_name", "parquet", "--data_files", str(root / "*.parquet"), "--streaming", "true"]
+    says = r"has no rows: dataset 'parquet' from .*shards/\*\.parquet, split 'train' yields none \(are its files empty"
+    with pytest.raises(ValueError, match=says) as error:
+        run(tmp_path, *data, "--max_steps", "1")
+    assert "batch_size" not in str(error.value)  # the batch size is not what is wrong
 
 
 # ----------------------------------------------------------------------------------- (d) evaluation
