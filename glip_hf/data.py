@@ -24,7 +24,7 @@ import socket
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,6 +259,33 @@ def _split_patterns(data_dir: str, split: str) -> list[str]:
     return list(patterns.get(split, []))
 
 
+def resolve_data_files(data_files: str | list[str], data_dir: str | None) -> list[str]:
+    """The files ``data_files`` patterns match, relative to ``data_dir`` (else the current directory) as datasets
+    resolves them, in order, each once; a pattern matching nothing is left out."""
+    import datasets
+
+    base = Path(data_dir or "").expanduser().resolve().as_posix()
+    files: list[str] = []
+    for pattern in [data_files] if isinstance(data_files, str) else data_files:
+        try:
+            files += [f for f in datasets.data_files.resolve_pattern(pattern, base) if f not in files]
+        except FileNotFoundError:
+            continue
+    return files
+
+
+def image_folders(data_files: str | None, data_dir: str | None) -> tuple[str, ...]:
+    """The local folders a relative image path in the data is looked up in when it is no file relative to the
+    current directory (`locate_image`): the folder of each local data file ``data_files`` matches, in order, then
+    ``data_dir``. Empty for Hub datasets and remote files (nothing local to look in)."""
+    folders = []
+    if data_files is not None and "://" not in data_files:  # a remote pattern would be listed over the network
+        folders = [str(Path(file).parent) for file in resolve_data_files(data_files, data_dir) if Path(file).is_file()]
+    if data_dir is not None and Path(data_dir).expanduser().is_dir():
+        folders.append(str(Path(data_dir).expanduser().resolve()))
+    return tuple(dict.fromkeys(folders))
+
+
 def check_webdataset_shards(
     data_files: str | list[str], data_dir: str | None, repair_dir: Path
 ) -> tuple[list[str], datasets.Features | None] | None:
@@ -272,15 +299,7 @@ def check_webdataset_shards(
     with a warning. Returns None, changing nothing, for patterns that match no file or anything but local ``.tar``
     files (remote and compressed shards go to datasets untouched).
     """
-    import datasets
-
-    base = Path(data_dir or "").expanduser().resolve().as_posix()
-    files: list[str] = []
-    for pattern in [data_files] if isinstance(data_files, str) else data_files:
-        try:
-            files += [f for f in datasets.data_files.resolve_pattern(pattern, base) if f not in files]
-        except FileNotFoundError:
-            continue
+    files = resolve_data_files(data_files, data_dir)
     if not files:
         return None
     if not all(Path(file).suffix == ".tar" and Path(file).is_file() for file in files):
@@ -365,10 +384,26 @@ def image_data(value: Any) -> Any:
     return None if value is None or (isinstance(value, str) and not value) else value
 
 
-def load_image(value: Any, before_load: Callable[[Image.Image], None] | None = None) -> Image.Image | str:
+def locate_image(value: Any, folders: Sequence[str]) -> Any:
+    """An image cell with its relative path made to point at a file: as given when that is a file relative to the
+    current directory, else the first of ``folders`` (see `image_folders`) holding it. A cell whose path is found
+    nowhere, an absolute path, bytes, a PIL image or a dict with bytes are returned unchanged."""
+    data = image_data(value)
+    if not folders or not isinstance(data, (str, Path)) or Path(data).is_absolute() or Path(data).is_file():
+        return value
+    found = next((Path(folder) / data for folder in folders if (Path(folder) / data).is_file()), None)
+    if found is None:
+        return value
+    return {**value, "path": str(found)} if isinstance(value, dict) else str(found)
+
+
+def load_image(
+    value: Any, before_load: Callable[[Image.Image], None] | None = None, folders: Sequence[str] = ()
+) -> Image.Image | str:
     """The RGB image of a raw image cell, or the reason (an entry of ``SKIP_REASONS``) it has none: no value or no
     such file (``missing_image``), zero bytes (``empty_image``), or data PIL cannot decode (``undecodable_image``).
-    ``before_load``: see `decode_image`."""
+    ``before_load``: see `decode_image`. A relative path is looked up in ``folders`` too (`locate_image`)."""
+    value = locate_image(value, folders)
     data = image_data(value)
     if isinstance(data, (str, Path)):
         if not Path(data).is_file():
@@ -531,7 +566,8 @@ class ImageTextCollator:
     normalised where they are used (`normalize_pixels`, as `TrainingBatches` does on the device). ``jpeg_draft``:
     the crop is drawn from the JPEG header's size first, and the JPEG decoded at the largest reduction that keeps
     the crop at least ``image_size`` pixels wide (`draft_for_crop`): the same crop, less decoding, slightly other
-    pixels (the decoder's downscaling replaces part of the bicubic one).
+    pixels (the decoder's downscaling replaces part of the bicubic one). ``image_folders``: where a relative image
+    path that is no file relative to the current directory is looked up too (`image_folders`, `locate_image`).
     """
 
     def __init__(
@@ -547,6 +583,7 @@ class ImageTextCollator:
         seed: int | str = 0,
         uint8: bool = False,
         jpeg_draft: bool = False,
+        image_folders: Sequence[str] = (),
     ):
         self.tokenizer, self.image_size, self.max_length = tokenizer, image_size, max_length
         self.image_mean = torch.tensor(image_mean).view(3, 1, 1)
@@ -554,6 +591,7 @@ class ImageTextCollator:
         self.image_columns, self.caption_column = image_column.split(","), caption_column
         self.crop_scale, self.seed = crop_scale, seed
         self.uint8, self.jpeg_draft = uint8, jpeg_draft
+        self.image_folders = tuple(image_folders)
         self.epoch = 0  # set by the training loop before each epoch
 
     def _caption(self, row: dict, rng: random.Random) -> str | None:
@@ -581,7 +619,7 @@ class ImageTextCollator:
             drafted.append((size, random_crop_box(*size, self.crop_scale, rng)))
             draft_for_crop(opened, drafted[0][1], self.image_size)
 
-        image = load_image(raw, draft if self.jpeg_draft else None)
+        image = load_image(raw, draft if self.jpeg_draft else None, self.image_folders)
         if isinstance(image, str):
             return image
         if drafted:
@@ -712,6 +750,7 @@ def make_train_collator(
         seed=seed,
         uint8=data_args.uint8_batches,
         jpeg_draft=data_args.jpeg_draft,
+        image_folders=image_folders(data_args.data_files, data_args.data_dir),
     )
 
 
@@ -761,9 +800,31 @@ def make_train_dataloader(
     return torch.utils.data.DataLoader(stream, **loader_kwargs)
 
 
-def epoch_batches(dataloader, collator: ImageTextCollator, progress, accelerator, streaming: bool) -> Iterator[dict]:
+def describe_source(data_args: DataArguments) -> str:
+    """The training data as its flags name it, for messages (``dataset 'parquet' from d/*.parquet, split 'train'``)."""
+    where = data_args.data_files or data_args.data_dir
+    name = "the built-in dataset" if data_args.dataset_name is None else f"dataset {data_args.dataset_name!r}"
+    return f"{name}{f' from {where}' if where else ''}, split {data_args.train_split!r}"
+
+
+def no_batch_error(stream, source: str, accelerator) -> ValueError:
+    """Why an epoch gave no batch: a ``stream`` (None for map-style data, whose size is checked up front) with no
+    row at all, or fewer rows than one batch. ``source``: `describe_source`."""
+    if stream is not None and next(iter(stream), None) is None:
+        share = "" if accelerator.num_processes == 1 else f" (process {accelerator.process_index}'s share)"
+        return ValueError(
+            f"the training data has no rows{share}: {source} yields none (are its files empty?); give it files that "
+            "hold rows."
+        )
+    return ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
+
+
+def epoch_batches(
+    dataloader, collator: ImageTextCollator, progress, accelerator, streaming: bool, source: str = "the data"
+) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch, starting at ``progress`` (a ``TrainingProgress``: mid-epoch on
-    resume), which is kept up to date with the position of the last batch yielded."""
+    resume), which is kept up to date with the position of the last batch yielded. ``source`` names the data in the
+    error raised when an epoch gives no batch (`no_batch_error`)."""
     epoch, start = progress.epoch, progress.batch_in_epoch
     while True:
         collator.epoch = epoch
@@ -779,7 +840,7 @@ def epoch_batches(dataloader, collator: ImageTextCollator, progress, accelerator
             produced = True
             yield batch
         if not produced and start == 0:
-            raise ValueError("the training data yields no full batch; lower --per_device_train_batch_size.")
+            raise no_batch_error(dataloader.dataset if streaming else None, source, accelerator)
         epoch, start = epoch + 1, 0
         progress.epoch, progress.batch_in_epoch = epoch, 0
 
@@ -797,6 +858,7 @@ class TrainingBatches:
     collator: ImageTextCollator
     accelerator: Any
     streaming: bool
+    source: str = "the training data"  # `describe_source`, for errors
 
     @property
     def per_epoch(self) -> int | None:
@@ -809,7 +871,8 @@ class TrainingBatches:
         device = self.accelerator.device
         non_blocking = device.type == "cuda"
         mean, std = self.collator.image_mean.to(device), self.collator.image_std.to(device)
-        for batch in epoch_batches(self.dataloader, self.collator, progress, self.accelerator, self.streaming):
+        epochs = epoch_batches(self.dataloader, self.collator, progress, self.accelerator, self.streaming, self.source)
+        for batch in epochs:
             moved = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k != "skipped"}
             if moved["pixel_values"].dtype == torch.uint8:
                 moved["pixel_values"] = normalize_pixels(moved["pixel_values"], mean, std)
@@ -832,4 +895,4 @@ def training_batches(
     dataloader = make_train_dataloader(train_data, collator, data_args, training_args, accelerator)
     if not data_args.streaming:
         dataloader = accelerator.prepare_data_loader(dataloader, device_placement=False)
-    return TrainingBatches(dataloader, collator, accelerator, data_args.streaming)
+    return TrainingBatches(dataloader, collator, accelerator, data_args.streaming, describe_source(data_args))

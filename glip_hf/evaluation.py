@@ -34,6 +34,7 @@ from .arguments import DataArguments, EvalArguments
 from .data import (
     SKIP_REASONS,
     check_columns,
+    image_folders,
     load_image,
     load_image_text_dataset,
     make_image_processor,
@@ -265,9 +266,11 @@ def encode_images(
     batch_size: int,
     accelerator: Accelerator,
     mask_draw: MaskDraw | None = None,
+    image_folders: Sequence[str] = (),
 ):
     """L2-normalised image features ``(N_kept, D)``, the kept row indices, and a Counter of the skipped rows by
-    reason (``missing_image``, ``empty_image``, ``undecodable_image``)."""
+    reason (``missing_image``, ``empty_image``, ``undecodable_image``). A relative image path is looked up in
+    ``image_folders`` too (`data.locate_image`)."""
 
     images_only = dataset.select_columns([image_column])  # rows without captions and labels
 
@@ -276,7 +279,7 @@ def encode_images(
             mask_draw.reseed(rows[0])
         images, ids, skipped = [], [], Counter()
         for index in rows:
-            image = load_image(images_only[index][image_column])
+            image = load_image(images_only[index][image_column], folders=image_folders)
             if isinstance(image, str):  # the reason it has no image
                 skipped[image] += 1
                 continue
@@ -334,16 +337,17 @@ def zero_shot_on_dataset(
     batch_size: int,
     accelerator: Accelerator,
     mask_draws: Sequence[MaskDraw | None] = (None,),
+    image_folders: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Zero-shot classification of ``dataset`` rows (images undecoded or decoded): counts and metrics for each mask
     draw (one entry for unmasked inference). The class embeddings do not depend on the masks: encoded once.
-    Rows without a label are skipped and counted (`labelled_rows`)."""
+    Rows without a label are skipped and counted (`labelled_rows`). ``image_folders``: see `encode_images`."""
     dataset, unlabelled = labelled_rows(dataset, label_column, len(class_names))
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates, batch_size, accelerator)
     results = []
     for mask_draw in mask_draws:
         features, kept, skipped = encode_images(
-            model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw
+            model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw, image_folders
         )
         skipped["missing_label"] += unlabelled
         labels = torch.tensor(dataset.select(kept)[label_column])
@@ -369,6 +373,7 @@ def run_zero_shot(args, model, tokenizer, image_processor, accelerator, mask_dra
         args.batch_size,
         accelerator,
         mask_draws,
+        image_folders(args.data_files, args.data_dir),
     )
 
 
@@ -382,8 +387,9 @@ def run_retrieval(args, model, tokenizer, image_processor, accelerator, mask_dra
     if not captioned:
         raise ValueError(f"--caption_column {args.caption_column!r} holds no caption text in {args.split!r}.")
     subset = dataset if len(captioned) == len(dataset) else dataset.select(captioned)
+    folders = image_folders(args.data_files, args.data_dir)
     images = [
-        encode_images(model, image_processor, subset, args.image_column, args.batch_size, accelerator, draw)
+        encode_images(model, image_processor, subset, args.image_column, args.batch_size, accelerator, draw, folders)
         for draw in mask_draws
     ]  # [(features (N_kept, D), kept, skipped)]; the same images decode (or not) in every draw
     kept, skipped = images[0][1], images[0][2] + Counter(missing_caption=len(dataset) - len(captioned))
@@ -530,10 +536,10 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_
 
 
 def _linear_probe(args, model, image_processor, accelerator, datasets_by_role, mask_draw) -> dict[str, Any]:
-    encoded = {}
+    encoded, folders = {}, image_folders(args.data_files, args.data_dir)
     for role, (dataset, unlabelled) in datasets_by_role.items():
         features, kept, skipped = encode_images(
-            model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw
+            model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw, folders
         )
         skipped["missing_label"] += unlabelled
         labels = torch.tensor(dataset.select(kept)[args.label_column], dtype=torch.long)

@@ -46,6 +46,7 @@ from .data import (
     SKIP_REASONS,
     caption_sample,
     check_columns,
+    image_folders,
     load_training_data,
     make_image_processor,
     prepare_for_decoding,
@@ -685,6 +686,7 @@ def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, t
         label,
         training_args.eval_batch_size,
         accelerator,
+        image_folders=image_folders(data_args.data_files, data_args.data_dir),
     )[0]
     chance = 1.0 / len(feature.names)
     top1 = result["metrics"]["top1"]

@@ -1,5 +1,6 @@
 """Small local datasets in every supported layout, with deliberately broken or odd samples where asked."""
 
+import csv
 import io
 import json
 import random
@@ -282,3 +283,35 @@ def make_messy_webdataset(root: Path, shards: int = 3, per_shard: int = 8) -> tu
             path.write_bytes(path.read_bytes()[:cut])
     expected = {"missing_caption": 2, "empty_image": 1, "missing_image": 1, "undecodable_image": 1}
     return root, expected, (shards - 1) * per_shard + per_shard // 2
+
+
+# ------------------------------------------------------------------------------- images named by relative paths
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    """``rows`` (dicts of strings, same keys) as a ``.jsonl``, ``.csv`` or ``.parquet`` file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]}).to_parquet(str(path))
+    return path
+
+
+def make_relative_path_table(path: Path, names: list[str], missing: tuple[str, ...] = (), first: int = 0) -> Path:
+    """A data file at ``path`` whose ``image`` column holds ``names`` then ``missing``, as given (relative or
+    absolute paths), each row with its own caption (numbered from ``first``). A PNG is written at
+    ``path.parent / name`` for each relative name of ``names`` that has no file there yet; ``missing`` get none."""
+    for i, name in enumerate(names):
+        image = path.parent / name
+        if not Path(name).is_absolute() and not image.exists():
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(png_bytes(first + i, 16))
+    names = [*names, *missing]
+    texts = captions(first + len(names))[first:]
+    return write_table(path, [{"image": name, "caption": text} for name, text in zip(names, texts)])

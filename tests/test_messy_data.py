@@ -18,6 +18,9 @@ from datasets_util import (
     grey_16bit,
     make_messy_dataset,
     make_messy_webdataset,
+    make_parquet,
+    make_relative_path_table,
+    png_bytes,
     transparent_palette,
     transparent_rgba,
 )
@@ -28,8 +31,10 @@ from glip_hf.data import (
     ImageTextCollator,
     check_tar_shard,
     decode_image,
+    image_folders,
     load_image,
     load_image_text_dataset,
+    locate_image,
     prepare_for_decoding,
 )
 from glip_hf.evaluation import evaluate_model, summary_line
@@ -231,6 +236,20 @@ def test_training_on_damaged_webdataset_shards(tmp_path, streaming, source, fres
     assert {k: v for k, v in summary["skipped"].items() if v} == expected
 
 
+def test_a_stream_of_parquet_files_without_rows_says_the_data_has_none(tmp_path, monkeypatch, fresh_accelerator_state):
+    # datasets sleeps this long each time a parquet stream closes (an arrow threading workaround): twice here.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+    root = tmp_path / "shards"
+    root.mkdir()
+    make_parquet(root / "a.parquet", n=0)
+    make_parquet(root / "b.parquet", n=0)
+    data = ["--dataset_name", "parquet", "--data_files", str(root / "*.parquet"), "--streaming", "true"]
+    says = r"has no rows: dataset 'parquet' from .*shards/\*\.parquet, split 'train' yields none \(are its files empty"
+    with pytest.raises(ValueError, match=says) as error:
+        run(tmp_path, *data, "--max_steps", "1")
+    assert "batch_size" not in str(error.value)  # the batch size is not what is wrong
+
+
 # ----------------------------------------------------------------------------------- (d) evaluation
 
 
@@ -288,3 +307,75 @@ def test_a_shard_with_no_whole_sample_is_left_out_and_intact_shards_are_read_in_
     repaired = urls - {str(root / "00000.tar"), str(root / "00001.tar")}
     assert len(urls) == 3 and len(repaired) == 1
     assert repaired.pop().startswith(str(tmp_path / "c" / "datasets" / "repaired-shards"))
+
+
+# ------------------------------------------------------------------------------ (e) images named by relative paths
+
+BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+def relative_path_data(tmp_path, suffix: str):
+    """``tmp_path/data/train.<suffix>``: 13 images at paths relative to its folder, one absolute path, one relative
+    path found nowhere, and ``imgs/both.png``, a junk file there but a valid image relative to the directory the run
+    starts in, ``tmp_path/cwd`` (which must win). Returns the data file's path relative to ``tmp_path/cwd``."""
+    cwd, folder = tmp_path / "cwd", tmp_path / "data"
+    (cwd / "imgs").mkdir(parents=True)
+    (cwd / "imgs" / "both.png").write_bytes(png_bytes(99, 16))
+    (folder / "imgs").mkdir(parents=True)
+    (folder / "imgs" / "both.png").write_bytes(b"junk")
+    absolute = tmp_path / "elsewhere" / "a.png"
+    names = [f"imgs/{i:03d}.png" for i in range(13)] + [str(absolute), "imgs/both.png"]
+    make_relative_path_table(folder / f"train.{suffix}", names, missing=("imgs/gone.png",))
+    absolute.parent.mkdir()
+    absolute.write_bytes(png_bytes(98, 16))
+    return f"../data/train.{suffix}"
+
+
+# Streaming parquet is left out: datasets sleeps 5 s after streaming a parquet file (SLEEP_TIME_ON_THREADS_SHUTDOWN).
+@pytest.mark.parametrize("suffix, flags", [("parquet", ["--num_workers", "1"]), ("csv", ["--streaming", "true"])])
+def test_relative_image_paths_are_found_next_to_the_data_file(
+    tmp_path, monkeypatch, suffix, flags, fresh_accelerator_state
+):
+    data_file = relative_path_data(tmp_path, suffix)
+    monkeypatch.chdir(tmp_path / "cwd")
+    data = ["--dataset_name", BUILDERS[suffix], "--data_files", data_file, "--per_device_train_batch_size", "4"]
+    result, summary = run(tmp_path, *data, "--max_steps", "4", *flags)  # 16 rows: each read once
+    assert result.steps == 4
+    assert {k: v for k, v in summary["skipped"].items() if v} == {"missing_image": 1}  # only imgs/gone.png
+
+
+def test_eval_finds_relative_image_paths_in_each_data_files_folder_in_order(tmp_path, monkeypatch, saved_model_dir):
+    parts = tmp_path / "parts"
+    (parts / "b" / "imgs").mkdir(parents=True)
+    (parts / "b" / "imgs" / "both.png").write_bytes(b"junk")  # folder a, matched first, holds the valid one
+    make_relative_path_table(parts / "a" / "data.jsonl", [f"imgs/a{i}.png" for i in range(3)] + ["imgs/both.png"])
+    make_relative_path_table(parts / "b" / "data.jsonl", [f"imgs/b{i}.png" for i in range(3)], ("imgs/gone.png",), 4)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    args = EvalArguments(
+        model=str(saved_model_dir),
+        dataset="json",
+        data_files=str(parts / "*" / "data.jsonl"),
+        split="train",
+        task="retrieval",
+        caption_column="caption",
+    )
+    result = evaluate_model(args)
+    assert result["num_samples"] == 7 and {k: v for k, v in result["skipped"].items() if v} == {"missing_image": 1}
+
+
+def test_image_lookup_leaves_absolute_paths_bytes_and_hub_datasets_alone(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    make_relative_path_table(folder / "train.jsonl", ["imgs/x.png"])
+    monkeypatch.chdir(tmp_path)
+    folders = image_folders("data/*.jsonl", None)
+    assert folders == (str(folder),) == image_folders(None, "data")
+    found = {"bytes": None, "path": str(folder / "imgs" / "x.png")}
+    assert locate_image({"bytes": None, "path": "imgs/x.png"}, folders) == found
+    assert isinstance(load_image({"bytes": None, "path": "imgs/x.png"}, folders=folders), Image.Image)
+    unchanged = [b"bytes", {"bytes": b"bytes", "path": "imgs/x.png"}, str(tmp_path / "imgs/x.png"), "imgs/gone.png"]
+    assert [locate_image(value, folders) for value in unchanged] == unchanged
+    assert load_image("imgs/gone.png", folders=folders) == "missing_image"
+    # A Hub dataset: no local file to look next to, and no listing over the network.
+    assert image_folders(None, None) == image_folders("train/*.parquet", None) == image_folders("hf://x/*.jsonl", None)
+    assert image_folders(None, None) == ()
