@@ -176,10 +176,11 @@ def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) ->
 def labelled_rows(
     dataset: datasets.Dataset, label_column: str, num_classes: int | None = None
 ) -> tuple[datasets.Dataset, int]:
-    """``(rows of dataset that have a class id, how many have none)``: a label of None or -1 (datasets' "no label")
-    is a row to skip and count as ``missing_label``. A label that is no integer, below -1, or (with ``num_classes``)
-    ``num_classes`` or more is a one-line ValueError: the column or the class names do not fit the task."""
-    labels = dataset[label_column]
+    """``(rows of dataset that have a class id, how many have none)``: a label of None, NaN or -1 (datasets' "no
+    label") is a row to skip and count as ``missing_label``. A whole float is the class id it equals (pandas reads a
+    csv column of ids with an empty cell as floats). A label that is no whole number, below -1, or (with
+    ``num_classes``) ``num_classes`` or more is a one-line ValueError: the column or the class names do not fit."""
+    labels = [_class_id(value) for value in dataset[label_column]]
     for value in labels:
         if value is None:
             continue
@@ -202,6 +203,18 @@ def labelled_rows(
             "whose labels are withheld); evaluate a split that has labels."
         )
     return (dataset if len(keep) == len(labels) else dataset.select(keep)), len(labels) - len(keep)
+
+
+def _class_id(value: Any) -> Any:
+    """A label cell as a class id where it is one written as a float (``1.0``), None for NaN; else as it is."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else int(value) if value.is_integer() else value
+    return value
+
+
+def label_tensor(dataset: datasets.Dataset, label_column: str) -> torch.Tensor:
+    """``(N,)`` long: the class ids of ``dataset``'s rows (all labelled: `labelled_rows`), floats ``1.0`` as ``1``."""
+    return torch.tensor([_class_id(value) for value in dataset[label_column]], dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------------------ encoding
@@ -350,7 +363,7 @@ def zero_shot_on_dataset(
             model, image_processor, dataset, image_column, batch_size, accelerator, mask_draw, image_folders
         )
         skipped["missing_label"] += unlabelled
-        labels = torch.tensor(dataset.select(kept)[label_column])
+        labels = label_tensor(dataset.select(kept), label_column)
         metrics = classification_metrics(features @ classifier.t().cpu(), labels, len(class_names))
         results.append(
             {"num_samples": len(kept), **skip_counts(skipped), "num_classes": len(class_names), "metrics": metrics}
@@ -542,7 +555,7 @@ def _linear_probe(args, model, image_processor, accelerator, datasets_by_role, m
             model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw, folders
         )
         skipped["missing_label"] += unlabelled
-        labels = torch.tensor(dataset.select(kept)[args.label_column], dtype=torch.long)
+        labels = label_tensor(dataset.select(kept), args.label_column)
         encoded[role] = (features, labels, skipped)
     num_classes = int(max(int(e[1].max()) for e in encoded.values())) + 1
     val = encoded["val"][:2] if "val" in encoded else None

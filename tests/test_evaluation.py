@@ -214,6 +214,44 @@ def test_rows_without_a_label_are_skipped_and_bad_labels_are_one_line_errors(sav
         evaluate_model(args_for(saved_model_dir, partly, task="linear_probe", label_column="word"))
 
 
+def test_a_csv_label_column_with_an_empty_cell_is_read_as_class_ids(saved_model_dir, tmp_path):
+    """pandas reads a csv column of ids with an empty cell as floats (0.0, 1.0, None): whole floats are class ids,
+    the empty cell a missing label, as in the same rows from a json file."""
+    images = []
+    for i in range(5):
+        images.append(tmp_path / f"{i}.png")
+        images[-1].write_bytes(png_bytes(i, IMAGE_SIZE))
+    labels = ["0", "1", "", "1", "-1"]
+    (tmp_path / "d.csv").write_text("image,label\n" + "".join(f"{p},{y}\n" for p, y in zip(images, labels)))
+    ids = [0, 1, None, 1, -1]
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps({"image": str(p), "label": y}) + "\n" for p, y in zip(images, ids))
+    )
+    names = tmp_path / "names.txt"
+    names.write_text("cat\ndog\n")
+    results = [
+        evaluate_model(
+            args_for(
+                saved_model_dir,
+                builder,
+                data_files=str(tmp_path / f"d.{suffix}"),
+                split="train",
+                class_names=str(names),
+            )
+        )
+        for builder, suffix in (("csv", "csv"), ("json", "jsonl"))
+    ]
+    assert results[0]["num_samples"] == 3 and results[0]["skipped"]["missing_label"] == 2
+    assert results[0]["metrics"] == results[1]["metrics"]
+    (tmp_path / "half.csv").write_text(f"image,label\n{images[0]},0.5\n")
+    with pytest.raises(ValueError, match=r"--label_column 'label' holds 0.5 \(float\), not a class id"):
+        evaluate_model(
+            args_for(
+                saved_model_dir, "csv", data_files=str(tmp_path / "half.csv"), split="train", class_names=str(names)
+            )
+        )
+
+
 def test_missing_default_model_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="accelerate launch run_pretraining.py"):
