@@ -74,7 +74,9 @@ class DataArguments:
     )
     dataset_config_name: str | None = None
     data_dir: str | None = field(default=None, metadata={"help": "data_dir for load_dataset (e.g. an imagefolder)"})
-    data_files: str | None = field(default=None, metadata={"help": "file or glob (parquet, webdataset .tar, ...)"})
+    data_files: str | None = field(
+        default=None, metadata={"help": "file or glob (parquet, .tar, ...); relative to data_dir if given"}
+    )
     train_split: str = "train"
     eval_split: str | None = field(default=None, metadata={"help": "held-out split for the end-of-run zero-shot"})
     image_column: str = field(default="image", metadata={"help": "image column; a,b tries each in turn"})

@@ -129,3 +129,16 @@ def test_streamed_rows_get_distinct_augmentation(tmp_path, tokenizer):
     same_image = [{**rows[0], "__index__": i} for i in range(4)]  # one image at four stream positions
     pixels = collator(same_image)["pixel_values"]
     assert len({tuple(p.flatten()[:50].tolist()) for p in pixels}) == 4
+
+
+def test_data_files_are_read_relative_to_data_dir_as_datasets_resolves_them(tmp_path, monkeypatch):
+    (tmp_path / "data" / "part").mkdir(parents=True)
+    make_parquet(tmp_path / "data" / "part" / "a.parquet", n=3)
+    monkeypatch.chdir(tmp_path)  # "part/a.parquet" is a file relative to --data_dir only
+    for pattern in ("part/a.parquet", "part/*.parquet"):
+        args = data_args(tmp_path, dataset_name="parquet", data_dir="data", data_files=pattern)
+        assert len(load_image_text_dataset(args, "train")) == 3
+    with pytest.raises(FileNotFoundError, match=r"data_files part/b.parquet does not exist in --data_dir data; "):
+        load_image_text_dataset(
+            data_args(tmp_path, dataset_name="parquet", data_dir="data", data_files="part/b.parquet"), "train"
+        )
