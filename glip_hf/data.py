@@ -391,16 +391,37 @@ def image_data(value: Any) -> Any:
     return None if value is None or (isinstance(value, str) and not value) else value
 
 
+class AmbiguousImagePath(ValueError):
+    """A relative image path that is a file in more than one of the folders it is looked up in (`locate_image`): a
+    row does not say which data file it came from, so which image it means is unknown.
+
+    Raised in a DataLoader worker, it reaches the main process as torch re-raises it there, the worker's traceback
+    put above the message: only the message (the last line) is kept, so the error stays one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
 def locate_image(value: Any, folders: Sequence[str]) -> Any:
     """An image cell with its relative path made to point at a file: as given when that is a file relative to the
-    current directory, else the first of ``folders`` (see `image_folders`) holding it. A cell whose path is found
-    nowhere, an absolute path, bytes, a PIL image or a dict with bytes are returned unchanged."""
+    current directory, else the one of ``folders`` (see `image_folders`) holding it. A cell whose path is found
+    nowhere, an absolute path, bytes, a PIL image or a dict with bytes are returned unchanged. A path that is a file
+    in two folders (two data files' folders each holding an ``imgs/0.png``, say) is an `AmbiguousImagePath`: taking
+    the first would pair a row of the second data file with the first one's image."""
     data = image_data(value)
     if not folders or not isinstance(data, (str, Path)) or Path(data).is_absolute() or Path(data).is_file():
         return value
-    found = next((Path(folder) / data for folder in folders if (Path(folder) / data).is_file()), None)
-    if found is None:
+    holding = [folder for folder in folders if (Path(folder) / data).is_file()]
+    if not holding:
         return value
+    if len({(Path(folder) / data).resolve() for folder in holding}) > 1:
+        raise AmbiguousImagePath(
+            f"image path {str(data)!r} is a file in two of the folders it is looked up in ({holding[0]} and "
+            f"{holding[1]}: the data files' folders, then --data_dir), and a row does not say which data file it is "
+            "from; write the paths relative to one folder above them and run from there (or pass that folder as "
+            "--data_dir), or make them absolute."
+        )
+    found = Path(holding[0]) / data
     return {**value, "path": str(found)} if isinstance(value, dict) else str(found)
 
 

@@ -8,6 +8,7 @@ import warnings
 import datasets
 import numpy as np
 import pytest
+import torch
 from accelerate.state import AcceleratorState
 from conftest import TEXT_LEN, TINY_MODEL
 from datasets_util import (
@@ -28,6 +29,7 @@ from PIL import Image, ImageFile
 
 from glip_hf.arguments import DataArguments, EvalArguments, parse_run_args
 from glip_hf.data import (
+    AmbiguousImagePath,
     ImageTextCollator,
     check_tar_shard,
     decode_image,
@@ -344,11 +346,11 @@ def test_relative_image_paths_are_found_next_to_the_data_file(
     assert {k: v for k, v in summary["skipped"].items() if v} == {"missing_image": 1}  # only imgs/gone.png
 
 
-def test_eval_finds_relative_image_paths_in_each_data_files_folder_in_order(tmp_path, monkeypatch, saved_model_dir):
+def test_eval_finds_relative_image_paths_in_each_data_files_folder_and_refuses_a_path_found_in_two(
+    tmp_path, monkeypatch, saved_model_dir
+):
     parts = tmp_path / "parts"
-    (parts / "b" / "imgs").mkdir(parents=True)
-    (parts / "b" / "imgs" / "both.png").write_bytes(b"junk")  # folder a, matched first, holds the valid one
-    make_relative_path_table(parts / "a" / "data.jsonl", [f"imgs/a{i}.png" for i in range(3)] + ["imgs/both.png"])
+    make_relative_path_table(parts / "a" / "data.jsonl", [f"imgs/a{i}.png" for i in range(3)])
     make_relative_path_table(parts / "b" / "data.jsonl", [f"imgs/b{i}.png" for i in range(3)], ("imgs/gone.png",), 4)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
@@ -361,7 +363,27 @@ def test_eval_finds_relative_image_paths_in_each_data_files_folder_in_order(tmp_
         caption_column="caption",
     )
     result = evaluate_model(args)
-    assert result["num_samples"] == 7 and {k: v for k, v in result["skipped"].items() if v} == {"missing_image": 1}
+    assert result["num_samples"] == 6 and {k: v for k, v in result["skipped"].items() if v} == {"missing_image": 1}
+    # b's folder holds an imgs/a0.png of its own: a's row may mean either (a row does not say which file it is
+    # from); reading the first folder's would pair b's caption with a's image, silently.
+    (parts / "b" / "imgs" / "a0.png").write_bytes(b"junk")
+    says = r"image path 'imgs/a0.png' is a file in two of the folders it is looked up in \(.*parts/a and .*parts/b:"
+    with pytest.raises(AmbiguousImagePath, match=says):
+        evaluate_model(args)
+
+
+def test_a_path_found_next_to_two_data_files_is_one_line_from_a_dataloader_worker(tmp_path, tokenizer):
+    for part in ("a", "b"):
+        (tmp_path / part / "imgs").mkdir(parents=True)
+        (tmp_path / part / "imgs" / "0.png").write_bytes(png_bytes(0, 16))
+    folders = (str(tmp_path / "a"), str(tmp_path / "b"))
+    collator = ImageTextCollator(tokenizer, 12, MEAN, STD, max_length=TEXT_LEN, image_folders=folders)
+    rows = [{"image": "imgs/0.png", "caption": "a red circle"}]
+    loader = torch.utils.data.DataLoader(rows, batch_size=1, collate_fn=collator, num_workers=1)
+    with pytest.raises(AmbiguousImagePath, match=r"^image path 'imgs/0.png' is a file in two of the folders") as error:
+        next(iter(loader))
+    assert "\n" not in str(error.value)  # torch puts the worker's traceback above the message: left out
+    assert load_image("imgs/0.png", folders=folders[:1]).size == (16, 16)  # one folder: no doubt
 
 
 def test_image_lookup_leaves_absolute_paths_bytes_and_hub_datasets_alone(tmp_path, monkeypatch):
