@@ -419,11 +419,13 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
             global_rows = _global_rows(accelerator, micro_batches)
             if global_rows == 0:
                 # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
-                stop, read_through = _any_process(accelerator, signals.requested(), progress.epoch > 0)
+                # Read through once every process has: streamed shares differ in length, and a process still
+                # reading its share may come to valid rows.
+                stop, still_reading = _any_process(accelerator, signals.requested(), progress.epoch == 0)
                 lr = _skip_step(run)
                 progress.empty_steps += 1
                 nothing_yet = progress.empty_steps == progress.step + 1  # neither this step nor any before it
-                if nothing_yet and (read_through or progress.step + 1 == run.total_steps):
+                if nothing_yet and (not still_reading or progress.step + 1 == run.total_steps):
                     bar.close()
                     _stop(run, _no_sample_message(run, skipped_local), exit_code=CONFIG_ERROR_EXIT)
             else:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import TEXT_LEN, TINY_MODEL
+from conftest import ROOT, TEXT_LEN, TINY_MODEL, launch_two_processes
 from datasets_util import (
     BAD_KINDS,
     ODD_KINDS,
@@ -222,6 +222,22 @@ def test_data_with_no_usable_sample_stops_the_run_with_one_line(
     reason, count = next(iter(skipped.items()))
     assert f"{steps} step(s)" in str(stopped.value) and f"{reason} {count}" in str(stopped.value)
     assert not (tmp_path / "out" / "model.safetensors").exists()  # no model trained on nothing
+
+
+def test_the_no_sample_stop_waits_for_every_process_to_read_its_share_through(tmp_path):
+    """Two processes streaming a file each: a's 8 rows all lack their image (2 steps), b's first 12 too, then 8
+    good ones. At step 3 a's process has read its share through while b's has not: the run goes on (it stopped)."""
+    images = [f"imgs/{i}.png" for i in range(8)]
+    make_relative_path_table(tmp_path / "data" / "b.jsonl", images, missing=tuple(f"gone/b{i}.png" for i in range(12)))
+    rows = (tmp_path / "data" / "b.jsonl").read_text().splitlines()
+    (tmp_path / "data" / "b.jsonl").write_text("\n".join(rows[8:] + rows[:8]) + "\n")  # the 12 missing first
+    make_relative_path_table(tmp_path / "data" / "a.jsonl", [], missing=tuple(f"gone/a{i}.png" for i in range(8)))
+    flags = ["--dataset_name", "json", "--data_files", str(tmp_path / "data" / "*.jsonl"), "--streaming", "true"]
+    flags += ["--shuffle_buffer_size", "1", "--per_device_train_batch_size", "4", "--max_steps", "5"]
+    out = tmp_path / "out"
+    launch_two_processes(ROOT / "run_pretraining.py", *TINY, *flags, "--output_dir", out, port=29545, cwd=tmp_path)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 5 and summary["empty_steps"] == 3  # each process's rows in file order
 
 
 @pytest.mark.parametrize("streaming, source", [(False, "data_files"), (True, "data_files"), (False, "data_dir")])
