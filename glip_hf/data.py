@@ -283,11 +283,14 @@ def resolve_data_files(data_files: str | list[str], data_dir: str | None) -> lis
 
 def image_folders(data_files: str | None, data_dir: str | None) -> tuple[str, ...]:
     """The local folders a relative image path in the data is looked up in when it is no file relative to the
-    current directory (`locate_image`): the folder of each local data file ``data_files`` matches, in order, then
-    ``data_dir``. Empty for Hub datasets and remote files (nothing local to look in)."""
+    current directory (`locate_image`): the folder of each local data file ``data_files`` matches, in order (for a
+    symbolic link, its folder then its target's), then ``data_dir``. Empty for Hub datasets and remote files
+    (nothing local to look in)."""
     folders = []
     if data_files is not None and "://" not in data_files:  # a remote pattern would be listed over the network
-        folders = [str(Path(file).parent) for file in resolve_data_files(data_files, data_dir) if Path(file).is_file()]
+        for file in resolve_data_files(data_files, data_dir):
+            if Path(file).is_file():  # a symbolic link's folder, then its target's
+                folders += [str(Path(file).parent), str(Path(file).resolve().parent)]
     if data_dir is not None and Path(data_dir).expanduser().is_dir():
         folders.append(str(Path(data_dir).expanduser().resolve()))
     return tuple(dict.fromkeys(folders))

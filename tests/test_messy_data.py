@@ -417,3 +417,14 @@ def test_image_lookup_leaves_absolute_paths_bytes_and_hub_datasets_alone(tmp_pat
     # A Hub dataset: no local file to look next to, and no listing over the network.
     assert image_folders(None, None) == image_folders("train/*.parquet", None) == image_folders("hf://x/*.jsonl", None)
     assert image_folders(None, None) == ()
+
+
+def test_a_symlinked_data_file_finds_its_images_next_to_its_target(tmp_path, monkeypatch):
+    folder = tmp_path / "data"
+    make_relative_path_table(folder / "train.jsonl", ["imgs/x.png"])
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "train.jsonl").symlink_to(folder / "train.jsonl")
+    monkeypatch.chdir(tmp_path)
+    folders = image_folders("links/train.jsonl", None)
+    assert folders == (str(tmp_path / "links"), str(folder))  # the link's folder first, then its target's
+    assert isinstance(load_image("imgs/x.png", folders=folders), Image.Image)
