@@ -250,7 +250,8 @@ def _sharded_encode(
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(all_skipped.items()))
         raise ValueError(
             f"no {desc} could be encoded: all {len(indices)} were skipped ({reasons}); check the column that holds "
-            f"them (--image_column, --caption_column) and the data files."
+            f"them ({'--image_column' if desc == 'images' else '--caption_column'}) and the data files (a relative "
+            "image path is looked up from the current directory, then next to the data files and in --data_dir)."
         )
     stacked = torch.cat(all_features)
     order = sorted(range(len(all_kept)), key=all_kept.__getitem__)

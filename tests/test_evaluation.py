@@ -149,7 +149,8 @@ def test_a_dataset_with_no_decodable_image_is_a_one_line_error_with_the_counts(s
     rows = {"image": [{"bytes": b"junk", "path": None}] * 2 + [{"bytes": b"", "path": None}], "label": [0, 1, 0]}
     split = datasets.Dataset.from_dict(rows, features=features)
     datasets.DatasetDict({"test": split}).save_to_disk(str(tmp_path / "junk"))
-    match = r"no images could be encoded: all 3 were skipped \(empty_image 1, undecodable_image 2\); check"
+    match = r"no images could be encoded: all 3 were skipped \(empty_image 1, undecodable_image 2\); check the "
+    match += r"column that holds them \(--image_column\)"
     with pytest.raises(ValueError, match=match):
         evaluate_model(args_for(saved_model_dir, str(tmp_path / "junk")))
 
