@@ -158,6 +158,8 @@ def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) ->
         names = read_list_file(args.class_names, "class_names")
     elif isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
+    elif is_name_column(dataset, args.label_column):
+        names = label_names([dataset], args.label_column)
     else:
         raise ValueError(
             f"--label_column {args.label_column!r} is not a ClassLabel, so class names are unknown; "
@@ -173,6 +175,42 @@ def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) ->
     return names, templates
 
 
+def is_name_column(dataset: datasets.Dataset, label_column: str) -> bool:
+    """Whether ``label_column`` holds class names (strings) rather than class ids."""
+    feature = dataset.features.get(label_column)
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def label_names(splits: Sequence[datasets.Dataset], label_column: str) -> list[str]:
+    """The class names a column of names holds over ``splits``, sorted (ids in that order; blanks are no label)."""
+    return sorted({value for split in splits for value in split[label_column] if isinstance(value, str) and value})
+
+
+def names_to_ids(dataset: datasets.Dataset, label_column: str, names: Sequence[str]) -> datasets.Dataset:
+    """A column of class names turned to the ids of ``names`` (a ClassLabel column); a blank or None label becomes
+    None (no label). Unchanged if the column does not hold names. A name not in ``names`` is a one-line ValueError.
+    Computed in memory: nothing is written next to the user's data."""
+    if not is_name_column(dataset, label_column):
+        return dataset
+    ids = {name: index for index, name in enumerate(names)}
+    unknown = sorted({value for value in dataset[label_column] if value and value not in ids})
+    if unknown:
+        raise ValueError(
+            f"--label_column {label_column!r} holds {len(unknown)} name(s) that are not among the {len(names)} class "
+            f"names ({', '.join(map(repr, unknown[:3]))}{', ...' if len(unknown) > 3 else ''}); add them to "
+            "--class_names, or leave --class_names out to take the names the column holds."
+        )
+    features = dataset.features.copy()
+    features[label_column] = datasets.ClassLabel(names=list(names))
+    return dataset.map(
+        lambda batch: {label_column: [ids[value] if value else None for value in batch[label_column]]},
+        batched=True,
+        features=features,
+        keep_in_memory=True,
+        desc="class names to ids",
+    )
+
+
 def labelled_rows(
     dataset: datasets.Dataset, label_column: str, num_classes: int | None = None
 ) -> tuple[datasets.Dataset, int]:
@@ -186,8 +224,8 @@ def labelled_rows(
             continue
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(
-                f"--label_column {label_column!r} holds {value!r} ({type(value).__name__}), not a class id; "
-                "pass the column of integer labels (or a ClassLabel)."
+                f"--label_column {label_column!r} holds {value!r} ({type(value).__name__}), not a class id or name; "
+                "pass a column of integer labels, of class names (strings), or a ClassLabel."
             )
         if value < NO_LABEL:
             raise ValueError(f"--label_column {label_column!r} holds class id {value}; ids are 0 or more (-1: none).")
@@ -375,6 +413,7 @@ def zero_shot_on_dataset(
 def run_zero_shot(args, model, tokenizer, image_processor, accelerator, mask_draws) -> list[dict[str, Any]]:
     dataset = load_eval_split(args, args.split, model)
     names, templates = class_names_and_templates(args, dataset)
+    dataset = names_to_ids(dataset, args.label_column, names)  # a column of class names
     return zero_shot_on_dataset(
         model,
         tokenizer,
@@ -545,7 +584,14 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_
             continue
         dataset = load_eval_split(args, split, model)
         check_columns(dataset, {"label_column": args.label_column}, f"{args.dataset or BUILTIN}[{split}]")
-        datasets_by_role[role] = labelled_rows(dataset, args.label_column)  # (labelled rows, unlabelled count)
+        datasets_by_role[role] = dataset
+    named = [d for d in datasets_by_role.values() if is_name_column(d, args.label_column)]
+    if named:  # columns of class names: one id per name over every split
+        names = read_list_file(args.class_names, "class_names") if args.class_names else None
+        names = names or label_names(named, args.label_column)
+        datasets_by_role = {r: names_to_ids(d, args.label_column, names) for r, d in datasets_by_role.items()}
+    # (labelled rows, unlabelled count) per split
+    datasets_by_role = {r: labelled_rows(d, args.label_column) for r, d in datasets_by_role.items()}
     return [_linear_probe(args, model, image_processor, accelerator, datasets_by_role, d) for d in mask_draws]
 
 

@@ -211,8 +211,43 @@ def test_rows_without_a_label_are_skipped_and_bad_labels_are_one_line_errors(sav
     names.write_text("cat\ndog\n")
     with pytest.raises(ValueError, match=r"--label_column 'raw' holds class id 5, but there are 2 class names"):
         evaluate_model(args_for(saved_model_dir, partly, label_column="raw", class_names=str(names)))
-    with pytest.raises(ValueError, match=r"--label_column 'word' .* 'a' \(str\)"):
-        evaluate_model(args_for(saved_model_dir, partly, task="linear_probe", label_column="word"))
+
+
+def test_a_label_column_of_class_names_is_read_as_those_classes(saved_model_dir, tmp_path):
+    """Labels written as names ("cat", "dog"; a blank or None is no label) evaluate as the same rows with class ids:
+    the names come from the column (sorted) or from --class_names, in any order, since ids follow the names."""
+    names = ["cat", "dog", "", "dog", None, "cat", "dog", "cat", "dog"]
+    rows = {
+        "image": [{"bytes": png_bytes(i, IMAGE_SIZE), "path": None} for i in range(len(names))],
+        "name": names,
+        "id": [{"cat": 0, "dog": 1}.get(name) for name in names],
+    }
+    features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+    features["id"] = datasets.ClassLabel(names=["cat", "dog"])
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "named"))
+    before = sorted(p.name for p in (tmp_path / "named" / "test").iterdir())
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("dog\ncat\n")
+    for task in ("zeroshot_classification", "linear_probe"):
+        by_id = evaluate_model(args_for(saved_model_dir, str(tmp_path / "named"), task=task, label_column="id"))
+        # the probe's fit breaks ties by class id, so its figures move with the ids' order: compared in one order
+        for extra in ({}, {"class_names": str(swapped)}) if task == "zeroshot_classification" else ({},):
+            by_name = evaluate_model(
+                args_for(saved_model_dir, str(tmp_path / "named"), task=task, label_column="name", **extra)
+            )
+            assert by_name["metrics"] == by_id["metrics"], (task, extra)
+            assert by_name["num_samples"] == by_id["num_samples"] == 7
+            assert by_name["skipped"]["missing_label"] == by_id["skipped"]["missing_label"] > 0
+    assert sorted(p.name for p in (tmp_path / "named" / "test").iterdir()) == before  # no cache file written there
+    only_cats = tmp_path / "cats.txt"
+    only_cats.write_text("cat\n")
+    with pytest.raises(
+        ValueError, match=r"^--label_column 'name' holds 1 name\(s\) that are not among the 1 class names \('dog'\)"
+    ):
+        evaluate_model(
+            args_for(saved_model_dir, str(tmp_path / "named"), label_column="name", class_names=str(only_cats))
+        )
 
 
 def test_a_csv_label_column_with_an_empty_cell_is_read_as_class_ids(saved_model_dir, tmp_path):
