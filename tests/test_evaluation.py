@@ -15,7 +15,15 @@ from datasets_util import png_bytes
 
 import glip_hf
 from glip_hf.arguments import EvalArguments
-from glip_hf.evaluation import encode_images, evaluate_model, load_model_for_eval, run_suite, zero_shot_classifier
+from glip_hf.evaluation import (
+    encode_images,
+    evaluate_model,
+    label_names,
+    load_model_for_eval,
+    names_to_ids,
+    run_suite,
+    zero_shot_classifier,
+)
 from glip_hf.metrics import classification_metrics, load_metric, retrieval_metrics
 from glip_hf.synthetic import build_synthetic_dataset
 
@@ -248,6 +256,14 @@ def test_a_label_column_of_class_names_is_read_as_those_classes(saved_model_dir,
         evaluate_model(
             args_for(saved_model_dir, str(tmp_path / "named"), label_column="name", class_names=str(only_cats))
         )
+
+
+def test_class_names_are_read_without_the_spaces_around_them(tmp_path):
+    """A csv written "img, cat" holds ' cat': the class is cat, and a cell of spaces is no label (not a class)."""
+    (tmp_path / "d.csv").write_text("image,label\na.png, cat\nb.png,cat\nc.png,dog \nd.png,  \n")
+    split = datasets.load_dataset("csv", data_files=str(tmp_path / "d.csv"), cache_dir=str(tmp_path / "c"))["train"]
+    assert label_names([split], "label") == ["cat", "dog"]
+    assert names_to_ids(split, "label", ["dog", "cat"])["label"] == [1, 1, 0, None]
 
 
 def test_a_csv_label_column_with_an_empty_cell_is_read_as_class_ids(saved_model_dir, tmp_path):
