@@ -181,19 +181,25 @@ def is_name_column(dataset: datasets.Dataset, label_column: str) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
+def _name(value: Any) -> str | None:
+    """A name cell's class name: its text without the spaces around it (a csv written ``img, cat`` holds
+    ``' cat'``); None for a blank or None cell (no label)."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
 def label_names(splits: Sequence[datasets.Dataset], label_column: str) -> list[str]:
     """The class names a column of names holds over ``splits``, sorted (ids in that order; blanks are no label)."""
-    return sorted({value for split in splits for value in split[label_column] if isinstance(value, str) and value})
+    return sorted({name for split in splits for name in map(_name, split[label_column]) if name})
 
 
 def names_to_ids(dataset: datasets.Dataset, label_column: str, names: Sequence[str]) -> datasets.Dataset:
-    """A column of class names turned to the ids of ``names`` (a ClassLabel column); a blank or None label becomes
-    None (no label). Unchanged if the column does not hold names. A name not in ``names`` is a one-line ValueError.
-    Computed in memory: nothing is written next to the user's data."""
+    """A column of class names turned to the ids of ``names`` (a ClassLabel column), spaces around a name ignored; a
+    blank or None label becomes None (no label). Unchanged if the column does not hold names. A name not in
+    ``names`` is a one-line ValueError. Computed in memory: nothing is written next to the user's data."""
     if not is_name_column(dataset, label_column):
         return dataset
     ids = {name: index for index, name in enumerate(names)}
-    unknown = sorted({value for value in dataset[label_column] if value and value not in ids})
+    unknown = sorted({name for name in map(_name, dataset[label_column]) if name and name not in ids})
     if unknown:
         raise ValueError(
             f"--label_column {label_column!r} holds {len(unknown)} name(s) that are not among the {len(names)} class "
@@ -203,7 +209,7 @@ def names_to_ids(dataset: datasets.Dataset, label_column: str, names: Sequence[s
     features = dataset.features.copy()
     features[label_column] = datasets.ClassLabel(names=list(names))
     return dataset.map(
-        lambda batch: {label_column: [ids[value] if value else None for value in batch[label_column]]},
+        lambda batch: {label_column: [ids.get(_name(value)) for value in batch[label_column]]},
         batched=True,
         features=features,
         keep_in_memory=True,
