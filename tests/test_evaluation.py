@@ -19,6 +19,7 @@ from glip_hf.evaluation import (
     encode_images,
     evaluate_model,
     label_names,
+    labelled_rows,
     load_model_for_eval,
     names_to_ids,
     run_suite,
@@ -264,6 +265,14 @@ def test_class_names_are_read_without_the_spaces_around_them(tmp_path):
     split = datasets.load_dataset("csv", data_files=str(tmp_path / "d.csv"), cache_dir=str(tmp_path / "c"))["train"]
     assert label_names([split], "label") == ["cat", "dog"]
     assert names_to_ids(split, "label", ["dog", "cat"])["label"] == [1, 1, 0, None]
+
+
+def test_a_label_column_of_names_and_ids_mixed_is_a_one_line_error_that_says_so(tmp_path):
+    """A json column of names and ids mixed (read as Json): the error says so, not that 'cat' is no name."""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"label": y}) + "\n" for y in ("cat", 1, "dog")))
+    split = datasets.load_dataset("json", data_files=str(tmp_path / "d.jsonl"), cache_dir=str(tmp_path / "c"))["train"]
+    with pytest.raises(ValueError, match=r"^--label_column 'label' holds class names and ids mixed \('cat' and 1\); "):
+        labelled_rows(split, "label")
 
 
 def test_a_csv_label_column_with_an_empty_cell_is_read_as_class_ids(saved_model_dir, tmp_path):
