@@ -228,6 +228,16 @@ def labelled_rows(
     for value in labels:
         if value is None:
             continue
+        other = (
+            next((v for v in labels if v is not None and not isinstance(v, str)), None)
+            if isinstance(value, str)
+            else None
+        )
+        if other is not None:  # names beside ids (a json column, read as Json)
+            raise ValueError(
+                f"--label_column {label_column!r} holds class names and ids mixed ({value!r} and {other!r}); write "
+                "every label as a class name, or every one as a class id."
+            )
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(
                 f"--label_column {label_column!r} holds {value!r} ({type(value).__name__}), not a class id or name; "
