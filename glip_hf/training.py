@@ -666,13 +666,21 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
 
 
 def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, training_args, accelerator):
-    """Zero-shot top-1 on the held-out split when it has a ClassLabel column; prints it against chance."""
-    from .evaluation import zero_shot_on_dataset
+    """Zero-shot top-1 on the held-out split when it has a ClassLabel column or a column of class names; prints it
+    against chance."""
+    from .evaluation import is_name_column, label_names, names_to_ids, zero_shot_on_dataset
 
     label = data_args.label_column
     feature = (held_out.features or {}).get(label)
-    if not isinstance(feature, datasets.ClassLabel):
-        accelerator.print(f"No zero-shot evaluation: the held-out split has no ClassLabel column {label!r}.")
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif isinstance(held_out, datasets.Dataset) and is_name_column(held_out, label):
+        names = label_names([held_out], label)  # the names the split holds, sorted, as run_eval.py takes them
+        held_out = names_to_ids(held_out, label, names)
+    else:
+        accelerator.print(
+            f"No zero-shot evaluation: the held-out split has no column {label!r} of class labels or class names."
+        )
         return None
     image_column = data_args.image_column.split(",")[0]
     held_out = prepare_for_decoding(held_out, [image_column])
@@ -682,7 +690,7 @@ def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, t
         tokenizer,
         image_processor,
         held_out,
-        feature.names,
+        names,
         PROMPT_TEMPLATES,
         image_column,
         label,
@@ -690,10 +698,10 @@ def _evaluate_held_out(model, tokenizer, image_processor, held_out, data_args, t
         accelerator,
         image_folders=image_folders(data_args.data_files, data_args.data_dir),
     )[0]
-    chance = 1.0 / len(feature.names)
+    chance = 1.0 / len(names)
     top1 = result["metrics"]["top1"]
     accelerator.print(
         f"Held-out zero-shot top-1: {top1:.3f} on {result['num_samples']} images "
-        f"({len(feature.names)} classes, chance {chance:.3f}, {top1 / chance:.1f}x chance)"
+        f"({len(names)} classes, chance {chance:.3f}, {top1 / chance:.1f}x chance)"
     )
     return {**result["metrics"], "chance": chance, "num_samples": result["num_samples"]}

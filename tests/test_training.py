@@ -606,3 +606,47 @@ def test_the_saved_tokenizer_truncates_where_training_did(tmp_path, tokenizer, s
         == 16
     )
     assert len(saved("a red circle " * 20, truncation=True)["input_ids"]) == 16
+
+
+def test_the_end_of_run_evaluation_reads_a_held_out_column_of_class_names(tokenizer, capsys):
+    """The held-out split's labels written as names ("cat", "dog") give the zero-shot figures of the same rows with a
+    ClassLabel column (run_eval.py reads them so too); a column of neither is said, not an error."""
+    import datasets
+    from accelerate import Accelerator
+    from conftest import IMAGE_SIZE
+    from datasets_util import png_bytes
+
+    from glip_hf.arguments import DataArguments, TrainingArguments
+    from glip_hf.data import make_image_processor
+    from glip_hf.training import _evaluate_held_out
+
+    names = ["cat", "dog", "dog", "", "cat", "dog"]
+    rows = {
+        "image": [{"bytes": png_bytes(i, IMAGE_SIZE), "path": None} for i in range(len(names))],
+        "name": names,
+        "label": [{"cat": 0, "dog": 1}.get(name, -1) for name in names],
+    }
+    features = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+    features["label"] = datasets.ClassLabel(names=["cat", "dog"])
+    held_out = datasets.Dataset.from_dict(rows, features=features)
+    model = GLIPModel(tiny_config(tokenizer)).eval()
+    processor = make_image_processor(IMAGE_SIZE)
+    accelerator = Accelerator(cpu=True)
+    try:
+        results = [
+            _evaluate_held_out(
+                model,
+                tokenizer,
+                processor,
+                held_out,
+                DataArguments(label_column=column),
+                TrainingArguments(output_dir="unused"),
+                accelerator,
+            )
+            for column in ("label", "name", "image")
+        ]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert results[0] is not None and results[1] == results[0] and results[0]["num_samples"] == 5
+    assert results[2] is None
+    assert "no column 'image' of class labels or class names" in capsys.readouterr().out
