@@ -477,17 +477,17 @@ def profile_steps(variant: Variant, row: Row, dims: Dims, setup: Setup, folder: 
             for i in range(steps):
                 variant.step(*inputs[i % len(inputs)])
             setup.sync()
+        if setup.cuda:
+            row.device_busy_ms = busy_microseconds(device_intervals(prof.events())) / 1e3 / steps
+        sort = "self_device_time_total" if setup.cuda else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=60)
     except Exception as error:  # the row's timings stand; only its profile is lost
         row.extra["profile_error"] = ("OOM" if _is_oom(error) else repr(error))[:400]
         variant.optimizer.zero_grad(set_to_none=True)
         _release(setup)
         return
-    if setup.cuda:
-        row.device_busy_ms = busy_microseconds(device_intervals(prof.events())) / 1e3 / steps
-    sort = "self_device_time_total" if setup.cuda else "self_cpu_time_total"
     head = f"{profile_name(row)}: {steps} steps traced; untraced median step {row.step_ms:.2f} ms, issued in "
     head += f"{row.host_ms:.2f} ms" + (f"; device busy {row.device_busy_ms:.2f} ms per step" if setup.cuda else "")
-    table = prof.key_averages().table(sort_by=sort, row_limit=60)
     (folder / f"{profile_name(row)}.txt").write_text(f"{head}\n{table}")
 
 
