@@ -137,16 +137,32 @@ def load_eval_split(args: EvalArguments, split: str, model) -> datasets.Dataset:
 
 
 def read_list_file(path: str, what: str) -> list[str]:
-    """Lines of a text file, or a JSON list; ``what`` names the flag in errors."""
+    """The entries of a text file (one per line) or a JSON list of strings, stripped of surrounding spaces; ``what``
+    names the flag in errors. A blank line or entry before the last one is an error for ``class_names``, whose
+    order gives the class ids (dropping it would shift every id after it); for others it is left out."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--{what} {path} not found; pass a .txt (one per line) or .json list file.")
     text = file.read_text()
-    items = json.loads(text) if file.suffix == ".json" else [line.strip() for line in text.splitlines()]
-    items = [item for item in items if isinstance(item, str) and item.strip()]
+    if file.suffix == ".json":
+        items = json.loads(text)
+        where = "entry"
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError(f"--{what} {path} must hold a JSON list of strings.")
+    else:
+        items, where = text.splitlines(), "line"
+    items = [item.strip() for item in items]
+    while items and not items[-1]:
+        items.pop()
     if not items:
         raise ValueError(f"--{what} {path} lists nothing.")
-    return items
+    blank = next((index for index, item in enumerate(items) if not item), None)
+    if blank is not None and what == "class_names":
+        raise ValueError(
+            f"--{what} {path}: {where} {blank + 1} is blank, and a name's position is its class id; remove it, or "
+            "name the class."
+        )
+    return [item for item in items if item]
 
 
 def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) -> tuple[list[str], list[str]]:

@@ -503,3 +503,25 @@ def test_a_left_padding_tokenizer_is_padded_on_the_right(saved_model_dir, tmp_pa
     )
     # The same text, batched with a longer one (so padded), keeps its embedding.
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_list_files_are_stripped_and_a_gap_in_class_names_is_an_error(tmp_path):
+    from glip_hf.evaluation import read_list_file
+
+    def write(name, text):
+        (tmp_path / name).write_text(text)
+        return str(tmp_path / name)
+
+    assert read_list_file(write("a.txt", "cat\n  dog  \n\n"), "class_names") == ["cat", "dog"]
+    assert read_list_file(write("a.json", '[" cat", "dog "]'), "class_names") == ["cat", "dog"]
+    gap = write("gap.txt", "cat\n\ndog\n")  # dropping the blank would make dog class 1, not 2
+    with pytest.raises(ValueError, match=r"^--class_names .*gap.txt: line 2 is blank, and a name's position"):
+        read_list_file(gap, "class_names")
+    assert read_list_file(gap, "templates") == ["cat", "dog"]  # no ids: left out
+    with pytest.raises(ValueError, match=r"^--class_names .*gap.json: entry 1 is blank"):
+        read_list_file(write("gap.json", '["", "dog"]'), "class_names")
+    for text in ('["cat", 3]', '{"cat": 0}'):
+        with pytest.raises(ValueError, match=r"must hold a JSON list of strings"):
+            read_list_file(write("bad.json", text), "class_names")
+    with pytest.raises(ValueError, match="lists nothing"):
+        read_list_file(write("empty.json", '["", " "]'), "templates")
