@@ -145,7 +145,10 @@ def read_list_file(path: str, what: str) -> list[str]:
         raise FileNotFoundError(f"--{what} {path} not found; pass a .txt (one per line) or .json list file.")
     text = file.read_text()
     if file.suffix == ".json":
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--{what} {path} is not valid JSON ({error}); write a JSON list of strings.") from None
         where = "entry"
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
             raise ValueError(f"--{what} {path} must hold a JSON list of strings.")

@@ -520,6 +520,8 @@ def test_list_files_are_stripped_and_a_gap_in_class_names_is_an_error(tmp_path):
     assert read_list_file(gap, "templates") == ["cat", "dog"]  # no ids: left out
     with pytest.raises(ValueError, match=r"^--class_names .*gap.json: entry 1 is blank"):
         read_list_file(write("gap.json", '["", "dog"]'), "class_names")
+    with pytest.raises(ValueError, match=r"is not valid JSON .*; write a JSON list of strings"):
+        read_list_file(write("broken.json", '["cat", '), "class_names")
     for text in ('["cat", 3]', '{"cat": 0}'):
         with pytest.raises(ValueError, match=r"must hold a JSON list of strings"):
             read_list_file(write("bad.json", text), "class_names")
