@@ -143,7 +143,10 @@ def read_list_file(path: str, what: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--{what} {path} not found; pass a .txt (one per line) or .json list file.")
-    text = file.read_text()
+    try:  # utf-8-sig: a byte order mark (Windows editors write one) is no part of the first entry
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--{what} {path} is not UTF-8 text ({error}); save it as UTF-8.") from None
     if file.suffix == ".json":
         try:
             items = json.loads(text)

@@ -527,3 +527,18 @@ def test_list_files_are_stripped_and_a_gap_in_class_names_is_an_error(tmp_path):
             read_list_file(write("bad.json", text), "class_names")
     with pytest.raises(ValueError, match="lists nothing"):
         read_list_file(write("empty.json", '["", " "]'), "templates")
+
+
+def test_list_files_read_without_a_byte_order_mark(tmp_path):
+    """A file saved with a UTF-8 byte order mark (Windows editors) and CRLF line ends: the mark is no part of the
+    first class name (it made the prompt 'a photo of a \\ufeffcat.') and a .json file is read, not refused; a file in
+    another encoding is a one-line error (it was a UnicodeDecodeError traceback)."""
+    from glip_hf.evaluation import read_list_file
+
+    (tmp_path / "names.txt").write_bytes(b"\xef\xbb\xbfcat\r\ndog\r\n\r\n")
+    (tmp_path / "names.json").write_bytes(b'\xef\xbb\xbf["cat", "dog"]')
+    for name in ("names.txt", "names.json"):
+        assert read_list_file(str(tmp_path / name), "class_names") == ["cat", "dog"]
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"^--class_names .*latin1.txt is not UTF-8 text .*; save it as UTF-8"):
+        read_list_file(str(tmp_path / "latin1.txt"), "class_names")
