@@ -650,3 +650,11 @@ def test_the_end_of_run_evaluation_reads_a_held_out_column_of_class_names(tokeni
     assert results[0] is not None and results[1] == results[0] and results[0]["num_samples"] == 5
     assert results[2] is None
     assert "no column 'image' of class labels or class names" in capsys.readouterr().out
+    blank = held_out.map(lambda row: {"name": ""})  # no labelled row: said, and the run goes on to its summary
+    accelerator = Accelerator(cpu=True)
+    try:
+        args = DataArguments(label_column="name"), TrainingArguments(output_dir="unused")
+        assert _evaluate_held_out(model, tokenizer, processor, blank, *args, accelerator) is None
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "No zero-shot evaluation: no row has a label in --label_column 'name'" in capsys.readouterr().out
