@@ -741,9 +741,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for impl in args.impls:
         if impl not in BUILDERS:
             parser.error(f"--impls: unknown implementation {impl!r}; choose from {', '.join(BUILDERS)}")
-    for mode in args.modes:
-        if mode not in ("eager", "compile"):
-            parser.error(f"--modes: unknown mode {mode!r}; choose eager and/or compile")
+    for flag in ("modes", "lever_modes"):
+        for mode in getattr(args, flag):
+            if mode not in ("eager", "compile"):
+                parser.error(f"--{flag}: unknown mode {mode!r}; choose eager and/or compile")
     for ratio in args.ratios:
         if not 0 <= ratio < 1:
             parser.error(f"--ratios: {ratio} is not in [0, 1)")
@@ -758,7 +759,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--tiny and --overhead: pick one set of tower sizes")
     if args.batches is None:
         args.batches = [8] if args.tiny else [1] if args.overhead else [256, 1024]
-    for flag in ("impls", "modes", "ratios", "batches"):
+    for flag in ("impls", "modes", "ratios", "batches", "lever_modes"):
         check_list(parser, f"--{flag}", getattr(args, flag))
     if min(args.batches) < 1:
         parser.error(f"--batches: {min(args.batches)} is invalid; every batch must be >= 1")
@@ -772,11 +773,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if value < low:
             parser.error(f"{flag}: {value} is invalid; expected >= {low}")
-    if not args.lever_modes or len(set(args.lever_modes)) < len(args.lever_modes):
-        parser.error(f"--lever_modes: {','.join(args.lever_modes)!r} is invalid; pass eager and/or compile, once each")
-    for mode in args.lever_modes:
-        if mode not in ("eager", "compile"):
-            parser.error(f"--lever_modes: unknown mode {mode!r}; choose eager and/or compile")
     if not 0 <= args.lever_ratio < 1:
         parser.error(f"--lever_ratio: {args.lever_ratio} is not in [0, 1)")
     if not args.peak_tflops > 0:

@@ -178,9 +178,8 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
             f"this run is launched {'with' if fsdp else 'without'} it; resume with the accelerate config it was "
             "written with."
         )
-    saved = checkpoint / "run_config.yaml"
-    if saved.is_file():
-        before = yaml.safe_load(saved.read_text()) or {}
+    before = _saved_run_config(checkpoint)
+    if before is not None:
         changed = [
             f"{k}={before.get(k)!r} (now {config.get(k)!r})" for k in RESUME_FIXED if before.get(k) != config.get(k)
         ]
@@ -205,11 +204,17 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
         )
 
 
+def _saved_run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The run settings a checkpoint was written with (its ``run_config.yaml``); None for a checkpoint older than
+    the file."""
+    saved = checkpoint / "run_config.yaml"
+    return (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else None
+
+
 def restored_settings(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's values of the settings a resume restores (`RESUME_RESTORED`): the run records these, not
     the command line's, so that a later resume from its checkpoints reads the values it trained with."""
-    saved = checkpoint / "run_config.yaml"
-    before = (yaml.safe_load(saved.read_text()) or {}) if saved.is_file() else {}
+    before = _saved_run_config(checkpoint) or {}
     return {key: before[key] for key in RESUME_RESTORED if key in before}
 
 
@@ -218,10 +223,9 @@ def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule
     tuning ratio (its base learning rates are restored). A change the checkpoint's steps allow (while no unmasked
     tuning step was taken: the masked stage's length and warmup; tuning's length, if it does not end before the
     checkpoint's step) is a warning that states the jump in learning rate; any other is a one-line error."""
-    saved = checkpoint / "run_config.yaml"
-    if not saved.is_file():
+    before = _saved_run_config(checkpoint)
+    if before is None:
         return schedule  # written before run configs were saved: nothing to compare with
-    before = yaml.safe_load(saved.read_text()) or {}
     step, main_steps = _checkpoint_steps(checkpoint, before, schedule)
     old = Schedule.of({**config, **before}, main_steps)  # a key the checkpoint lacks: taken as unchanged
     new = Schedule(schedule.main_steps, schedule.warmup_steps, schedule.tuning_steps, old.tuning_ratio)

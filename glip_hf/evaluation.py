@@ -247,17 +247,13 @@ def labelled_rows(
     csv column of ids with an empty cell as floats). A label that is no whole number, below -1, or (with
     ``num_classes``) ``num_classes`` or more is a one-line ValueError: the column or the class names do not fit."""
     labels = [_class_id(value) for value in dataset[label_column]]
+    an_id = next((v for v in labels if v is not None and not isinstance(v, str)), None)
     for value in labels:
         if value is None:
             continue
-        other = (
-            next((v for v in labels if v is not None and not isinstance(v, str)), None)
-            if isinstance(value, str)
-            else None
-        )
-        if other is not None:  # names beside ids (a json column, read as Json)
+        if isinstance(value, str) and an_id is not None:  # names beside ids (a json column, read as Json)
             raise ValueError(
-                f"--label_column {label_column!r} holds class names and ids mixed ({value!r} and {other!r}); write "
+                f"--label_column {label_column!r} holds class names and ids mixed ({value!r} and {an_id!r}); write "
                 "every label as a class name, or every one as a class id."
             )
         if not isinstance(value, int) or isinstance(value, bool):
@@ -630,11 +626,14 @@ def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_
         datasets_by_role = {r: names_to_ids(d, args.label_column, names) for r, d in datasets_by_role.items()}
     # (labelled rows, unlabelled count) per split
     datasets_by_role = {r: labelled_rows(d, args.label_column) for r, d in datasets_by_role.items()}
-    return [_linear_probe(args, model, image_processor, accelerator, datasets_by_role, d) for d in mask_draws]
+    folders = image_folders(args.data_files, args.data_dir)
+    return [_linear_probe(args, model, image_processor, accelerator, datasets_by_role, d, folders) for d in mask_draws]
 
 
-def _linear_probe(args, model, image_processor, accelerator, datasets_by_role, mask_draw) -> dict[str, Any]:
-    encoded, folders = {}, image_folders(args.data_files, args.data_dir)
+def _linear_probe(
+    args, model, image_processor, accelerator, datasets_by_role, mask_draw, folders: Sequence[str]
+) -> dict[str, Any]:
+    encoded = {}
     for role, (dataset, unlabelled) in datasets_by_role.items():
         features, kept, skipped = encode_images(
             model, image_processor, dataset, args.image_column, args.batch_size, accelerator, mask_draw, folders
