@@ -315,8 +315,12 @@ def test_op_count_without_open_clip_counts_glip_and_says_so(tmp_path, capsys):
     except Exception:
         pass
     import op_count
+    from accelerate.state import AcceleratorState
 
+    # op_count builds its own bf16 Accelerator in this process: not one an earlier test left (test order)
+    AcceleratorState._reset_state(reset_partial_state=True)
     rows = op_count.main(["--tiny", "--ratios", "0.5", "--out", str(tmp_path / "ops.json")])
+    AcceleratorState._reset_state(reset_partial_state=True)
     assert {r["impl"] for r in rows} == {"glip"}
     assert "open_clip side left out" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
