@@ -217,10 +217,18 @@ def label_names(splits: Sequence[datasets.Dataset], label_column: str) -> list[s
 def names_to_ids(dataset: datasets.Dataset, label_column: str, names: Sequence[str]) -> datasets.Dataset:
     """A column of class names turned to the ids of ``names`` (a ClassLabel column), spaces around a name ignored; a
     blank or None label becomes None (no label). Unchanged if the column does not hold names. A name not in
-    ``names`` is a one-line ValueError. Computed in memory: nothing is written next to the user's data."""
+    ``names``, or one ``names`` holds twice, is a one-line ValueError. Computed in memory: nothing is written next to
+    the user's data."""
     if not is_name_column(dataset, label_column):
         return dataset
-    ids = {name: index for index, name in enumerate(names)}
+    ids: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name in ids:  # a column of ids may share a name (ImageNet's two 'crane's); a name must be one id
+            raise ValueError(
+                f"--class_names lists {name!r} twice (entries {ids[name] + 1} and {index + 1}); a label column of "
+                "names needs each class named once: rename one of them."
+            )
+        ids[name] = index
     unknown = sorted({name for name in map(_name, dataset[label_column]) if name and name not in ids})
     if unknown:
         raise ValueError(

@@ -267,6 +267,15 @@ def test_class_names_are_read_without_the_spaces_around_them(tmp_path):
     assert names_to_ids(split, "label", ["dog", "cat"])["label"] == [1, 1, 0, None]
 
 
+def test_a_class_name_listed_twice_is_a_one_line_error_for_a_column_of_names(tmp_path):
+    """--class_names naming a class twice cannot map a label column of names to ids: the error names the flag and
+    the name (it was datasets' ClassLabel error, which names neither)."""
+    (tmp_path / "d.csv").write_text("image,label\na.png,cat\nb.png,dog\n")
+    split = datasets.load_dataset("csv", data_files=str(tmp_path / "d.csv"), cache_dir=str(tmp_path / "c"))["train"]
+    with pytest.raises(ValueError, match=r"^--class_names lists 'cat' twice \(entries 1 and 3\); "):
+        names_to_ids(split, "label", ["cat", "dog", "cat"])
+
+
 def test_a_label_column_of_names_and_ids_mixed_is_a_one_line_error_that_says_so(tmp_path):
     """A json column of names and ids mixed (read as Json): the error says so, not that 'cat' is no name."""
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"label": y}) + "\n" for y in ("cat", 1, "dog")))
