@@ -688,6 +688,13 @@ def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
     return parse
 
 
+def _a_path(value: str) -> Path:
+    """An --out/--profile value as a path; "" (an unset shell variable) is refused, not read as the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; pass a file (--out) or a folder (--profile)")
+    return Path(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from glip_hf.cli import OneLineErrorParser
 
@@ -729,10 +736,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast (the default on CPU)")
     parser.add_argument("--peak_tflops", type=float, default=BF16_DENSE_TFLOPS_H200, help="for MFU")
-    parser.add_argument("--out", type=Path, default=None, help="JSON file for the rows and the environment")
+    parser.add_argument("--out", type=_a_path, default=None, help="JSON file for the rows and the environment")
     parser.add_argument(
         "--profile",
-        type=Path,
+        type=_a_path,
         default=None,
         help="folder for a torch.profiler operator table of each grid and lever row (3 more steps each); on CUDA "
         "also fills the rows' device-busy time",
@@ -779,6 +786,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--peak_tflops: {args.peak_tflops} is invalid; expected > 0")
     if args.out is not None and not args.out.parent.is_dir():
         parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out}: is a folder; pass the JSON file to write (e.g. {args.out / 'rows.json'})")
     if args.profile is not None:
         try:
             args.profile.mkdir(parents=True, exist_ok=True)

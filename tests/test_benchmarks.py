@@ -199,6 +199,17 @@ def test_unwritable_out_stops_before_the_benchmark(capsys, tmp_path):
     assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("flags", [["--out", "FOLDER"], ["--out", ""], ["--profile", ""]])
+def test_out_or_profile_that_names_no_path_stops_before_the_benchmark(capsys, tmp_path, flags):
+    # --out naming a folder (or "", read as ".") was an IsADirectoryError traceback after the whole run; --profile ""
+    # (an unset shell variable) wrote its tables into the current directory
+    flags = [flag.replace("FOLDER", str(tmp_path)) for flag in flags]
+    with pytest.raises(SystemExit) as stopped:
+        throughput.parse_args(["--device", "cpu", "--tiny", *flags])
+    assert stopped.value.code == 2
+    assert flags[0] in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_activation_memory_counts_both_implementations(tmp_path):
     """benchmarks/activation_memory.py on tiny towers, both sides in one process (the open_clip environment): every
     variant measured at every ratio, fewer bytes per image as the ratio rises, and the lean MLP below the plain."""
