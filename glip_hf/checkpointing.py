@@ -260,10 +260,13 @@ def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule
     now = f"{base * new.multiplier(step):.4g}"
     jump = f"stays {now}" if was == now else f"goes from {was} to {now}"
     changed = _changed(before, config, (*stage_flags, "warmup_steps", "warmup_ratio", "unmasked_tuning_steps"))[0]
+    if step >= new.main_steps + new.tuning_steps:  # nothing left to train: no next step, no learning rate
+        effect = f"the run ends at step {step}, with no step to take."
+    else:
+        effect = f"the learning rate of step {step + 1} {jump}, and the run follows the new schedule from there."
     warnings.warn(
         f"{where}, and this run changes its schedule with {changed} to {new.main_steps} masked steps "
-        f"({new.warmup_steps} warmup) + {new.tuning_steps} unmasked tuning steps: the learning rate of step "
-        f"{step + 1} {jump}, and the run follows the new schedule from there.",
+        f"({new.warmup_steps} warmup) + {new.tuning_steps} unmasked tuning steps: {effect}",
         stacklevel=2,
     )
     return new

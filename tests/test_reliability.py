@@ -739,3 +739,26 @@ def test_progress_written_by_a_later_version_loads_without_its_extra_fields(tmp_
     (tmp_path / "progress.json").write_text(json.dumps({**saved, "a_later_field": [1, 2]}))
     loaded = TrainingProgress.load(tmp_path)
     assert (loaded.step, loaded.epoch, loaded.main_steps) == (7, 1, 9)
+
+
+def test_a_resume_whose_new_schedule_ends_at_the_checkpoint_says_it_takes_no_step(tmp_path):
+    """Dropping --unmasked_tuning_steps at the end of the masked stage leaves nothing to train: the warning said
+    the learning rate of the next step 'stays' a value, and that the run follows the new schedule from there."""
+    import yaml
+
+    from glip_hf.arguments import to_flat_dict
+    from glip_hf.checkpointing import resume_schedule
+    from glip_hf.optimization import Schedule
+
+    def config(*flags: str) -> dict:
+        return to_flat_dict(*parse_run_args([*TINY_RUN, "--output_dir", str(tmp_path / "out"), *flags]))
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "progress.json").write_text(json.dumps({"step": 4, "main_steps": 4}))
+    (checkpoint / "run_config.yaml").write_text(
+        yaml.safe_dump(config("--max_steps", "4", "--unmasked_tuning_steps", "2"))
+    )
+    new = config("--max_steps", "4", "--unmasked_tuning_steps", "0")
+    with pytest.warns(UserWarning, match=r"unmasked tuning steps: the run ends at step 4, with no step to take\.$"):
+        resume_schedule(checkpoint, new, Schedule.of(new, 4))
