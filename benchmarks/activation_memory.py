@@ -227,8 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--breakdown needs eager models: module hooks do not run inside a compiled graph; drop one")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu (the count is the same)")
-    if args.out is not None and not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    throughput.check_out(parser, args.out)
     return args
 
 

@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         throughput.check_list(parser, f"--{flag}", getattr(args, flag))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
-    if args.out is not None and not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    throughput.check_out(parser, args.out)
     if "open_clip" in args.impls:
         try:
             import open_clip  # noqa: F401

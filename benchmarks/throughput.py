@@ -784,16 +784,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--lever_ratio: {args.lever_ratio} is not in [0, 1)")
     if not args.peak_tflops > 0:
         parser.error(f"--peak_tflops: {args.peak_tflops} is invalid; expected > 0")
-    if args.out is not None and not args.out.parent.is_dir():
-        parser.error(f"--out {args.out}: the folder {args.out.parent} does not exist")
-    if args.out is not None and args.out.is_dir():
-        parser.error(f"--out {args.out}: is a folder; pass the JSON file to write (e.g. {args.out / 'rows.json'})")
+    check_out(parser, args.out)
     if args.profile is not None:
         try:
             args.profile.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             parser.error(f"--profile {args.profile}: cannot create the folder ({error.strerror}); pick another")
     return args
+
+
+def check_out(parser: argparse.ArgumentParser, out: Path | None) -> None:
+    """Stop before a benchmark whose ``--out`` JSON file could not be written after it (a missing folder, a folder)."""
+    if out is not None and not out.parent.is_dir():
+        parser.error(f"--out {out}: the folder {out.parent} does not exist")
+    if out is not None and out.is_dir():
+        parser.error(f"--out {out}: is a folder; pass the JSON file to write (e.g. {out / 'rows.json'})")
 
 
 def report(paths: list[Path]) -> str:

@@ -199,13 +199,19 @@ def test_unwritable_out_stops_before_the_benchmark(capsys, tmp_path):
     assert "--out" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("flags", [["--out", "FOLDER"], ["--out", ""], ["--profile", ""]])
-def test_out_or_profile_that_names_no_path_stops_before_the_benchmark(capsys, tmp_path, flags):
-    # --out naming a folder (or "", read as ".") was an IsADirectoryError traceback after the whole run; --profile ""
-    # (an unset shell variable) wrote its tables into the current directory
+@pytest.mark.parametrize(
+    "script, flags",
+    [(script, ["--out", out]) for script in ("throughput", "activation_memory", "op_count") for out in ("FOLDER", "")]
+    + [("throughput", ["--profile", ""])],
+)
+def test_out_or_profile_that_names_no_path_stops_before_the_benchmark(capsys, tmp_path, flags, script):
+    # --out naming a folder (or "", read as ".") was an IsADirectoryError traceback after the whole run, in each of the
+    # three scripts; --profile "" (an unset shell variable) wrote throughput's tables into the current directory
     flags = [flag.replace("FOLDER", str(tmp_path)) for flag in flags]
+    module = __import__(script)
+    parse = module.parse_args if script != "op_count" else module.main  # op_count parses inside main, first
     with pytest.raises(SystemExit) as stopped:
-        throughput.parse_args(["--device", "cpu", "--tiny", *flags])
+        parse(["--device", "cpu", "--tiny", *flags] if script != "activation_memory" else ["--device", "cpu", *flags])
     assert stopped.value.code == 2
     assert flags[0] in capsys.readouterr().err.strip().splitlines()[-1]
 
