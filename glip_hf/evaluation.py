@@ -696,10 +696,13 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     return {
         "task": args.task,
         "dataset": args.dataset or BUILTIN,
+        "data_dir": args.data_dir,  # what a builder (imagefolder, parquet, ...) read: which data `dataset` is
+        "data_files": args.data_files,
         "split": args.split,
         "model": args.model or str(DEFAULT_MODEL_DIR),
         "mask_ratio": args.mask_ratio,
         "mask_strategy": strategy if masked else None,
+        "mask_sigma": sigma if masked and strategy == "gaussian" else None,
         "mask_draws": len(runs),
         "seed": args.seed,
         **result,

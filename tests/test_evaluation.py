@@ -399,6 +399,7 @@ def test_masked_inference_is_seeded_and_reports_the_spread_over_draws(saved_mode
     assert len(draws) == len(first_draws) and all(torch.equal(a, b) for a, b in zip(draws, first_draws))
     assert again["metrics"] == first["metrics"] and again["metrics_std"] == first["metrics_std"]
     assert first["mask_draws"] == 3 and first["seed"] == 0 and set(first["metrics_std"]) == set(first["metrics"])
+    assert first["mask_sigma"] == loaded[0].config.vision_config.mask_sigma  # recorded: the card tells sigmas apart
     per_draw = len(first_draws) // 3  # image batches of one draw
     assert not torch.equal(first_draws[0], first_draws[per_draw]), "every draw used the same masks"
     draws.clear()
@@ -410,7 +411,7 @@ def test_masked_inference_is_seeded_and_reports_the_spread_over_draws(saved_mode
 
 def test_unmasked_evaluation_runs_once_and_reports_no_spread(saved_model_dir, eval_dataset):
     result = evaluate_model(args_for(saved_model_dir, eval_dataset, mask_draws=5))
-    assert result["mask_draws"] == 1 and "metrics_std" not in result
+    assert result["mask_draws"] == 1 and "metrics_std" not in result and result["mask_sigma"] is None
 
 
 def test_zero_and_other_falsy_mask_values_are_rejected_not_replaced(saved_model_dir, eval_dataset, model):
