@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import statistics
+import string
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -191,10 +192,23 @@ def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) ->
         templates = read_list_file(args.templates, "templates")
     else:
         templates = list(PROMPT_TEMPLATES if args.dataset is None else DEFAULT_TEMPLATES)
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"--templates: every template needs a '{{}}' for the class name; {bad[0]!r} has none.")
+    for template in templates:
+        check_template(template)
     return names, templates
+
+
+def check_template(template: str) -> None:
+    """A prompt template must hold exactly one ``{}`` (the class name) and no other format field; literal braces are
+    written ``{{`` and ``}}``. A one-line ValueError otherwise (``str.format`` raised KeyError / IndexError)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:  # a single '{' or '}'
+        fields = [f"({error})"]
+    if fields != [""]:
+        raise ValueError(
+            f"--templates: {template!r} must hold exactly one '{{}}' for the class name and no other '{{...}}' "
+            "field (write a literal brace as '{{' or '}}')."
+        )
 
 
 def is_name_column(dataset: datasets.Dataset, label_column: str) -> bool:

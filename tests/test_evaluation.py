@@ -16,6 +16,7 @@ from datasets_util import png_bytes
 import glip_hf
 from glip_hf.arguments import EvalArguments
 from glip_hf.evaluation import (
+    class_names_and_templates,
     encode_images,
     evaluate_model,
     label_names,
@@ -537,6 +538,22 @@ def test_list_files_are_stripped_and_a_gap_in_class_names_is_an_error(tmp_path):
             read_list_file(write("bad.json", text), "class_names")
     with pytest.raises(ValueError, match="lists nothing"):
         read_list_file(write("empty.json", '["", " "]'), "templates")
+
+
+@pytest.mark.parametrize("template", ["a {} in {style}.", "a {} and a {}.", "a {0} photo.", "a {} photo }", "{{}}"])
+def test_a_template_with_other_format_fields_is_a_one_line_error(template, tmp_path):
+    """Exactly one '{}' per template: other fields were a KeyError / IndexError traceback after the model loaded, and
+    an escaped '{{}}' made a prompt without the class name."""
+    labelled = datasets.Dataset.from_dict(
+        {"label": [0]}, features=datasets.Features({"label": datasets.ClassLabel(names=["cat"])})
+    )
+    file = tmp_path / "templates.txt"
+    file.write_text(f"a photo of a {{}}.\n{template}\n")
+    with pytest.raises(ValueError, match=r"^--templates: .* must hold exactly one '\{\}' for the class name"):
+        class_names_and_templates(EvalArguments(dataset="local", templates=str(file)), labelled)
+    file.write_text("a {} with {{braces}}.\n")
+    names, templates = class_names_and_templates(EvalArguments(dataset="local", templates=str(file)), labelled)
+    assert [t.format(n) for t in templates for n in names] == ["a cat with {braces}."]
 
 
 def test_list_files_read_without_a_byte_order_mark(tmp_path):
