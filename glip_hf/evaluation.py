@@ -613,11 +613,21 @@ def fit_linear_probe(
         ``(metrics on the test rows, {"C": chosen C, "val_top1": its validation accuracy})``; the final classifier
         is refit on train + validation with the chosen C.
     """
+    if len(train_y.unique()) < 2:
+        raise ValueError(
+            f"--train_split: the linear probe needs training rows of 2 or more classes; every usable one is class "
+            f"{int(train_y[0])}. Train it on a split that holds several classes."
+        )
     if val is None:
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
         cut = max(1, int(len(order) * val_fraction))
         val = (train_x[order[:cut]], train_y[order[:cut]])
         train_x, train_y = train_x[order[cut:]], train_y[order[cut:]]
+        if len(train_y.unique()) < 2:  # the other classes all went to the validation rows
+            raise ValueError(
+                f"--linear_probe_val_fraction {val_fraction} leaves training rows of one class only (of "
+                f"{len(order)} rows); pass a smaller fraction, a --val_split, or more training rows."
+            )
     best_c, val_accuracy = search_probe_c((train_x, train_y), val, c_grid)
     all_x, all_y = torch.cat([train_x, val[0]]), torch.cat([train_y, val[1]])
     probe = _fit_probe(best_c, all_x, all_y, PROBE_FINAL_MAX_ITER)

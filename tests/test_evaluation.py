@@ -19,6 +19,7 @@ from glip_hf.evaluation import (
     class_names_and_templates,
     encode_images,
     evaluate_model,
+    fit_linear_probe,
     label_names,
     labelled_rows,
     load_model_for_eval,
@@ -447,6 +448,16 @@ def test_linear_probe_searches_a_wide_range_of_regularisation():
     assert chosen["C"] > 100, f"C={chosen['C']} at or inside the old grid's edge"
     capped, _ = fit_linear_probe(train_x, train_y, test_x, test_y, 2, c_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0))
     assert metrics["top1"] > capped["top1"] + 0.05
+
+
+def test_a_linear_probe_with_training_rows_of_one_class_is_a_one_line_error():
+    """It was scikit-learn's 'This solver needs samples of at least 2 classes', naming no split and no fix."""
+    x, test = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), (torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^--train_split: .* 2 or more classes; every usable one is class 0\."):
+        fit_linear_probe(x, torch.zeros(10, dtype=torch.long), *test, 2)
+    labels = torch.tensor([0] * 9 + [1])  # the one row of class 1 (row 9) lands in the validation rows at seed 4
+    with pytest.raises(ValueError, match=r"^--linear_probe_val_fraction 0.5 leaves training rows of one class"):
+        fit_linear_probe(x, labels, *test, 2, val_fraction=0.5, seed=4)
 
 
 def test_linear_probe_reports_the_chosen_c(saved_model_dir, eval_dataset):
