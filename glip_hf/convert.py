@@ -653,11 +653,17 @@ def _load_processor(name: str | Path | None):
 def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path | None = None) -> tuple[Path, Path]:
     """Write a GLIP / CLIP directory as an open_clip state dict (``.pt``, or ``.safetensors``) and model config JSON.
 
+    A tokenizer in ``model_dir`` (one trained with the model: open_clip's default tokenizer, OpenAI's BPE, gives other
+    ids) is saved beside the checkpoint as ``<checkpoint stem>-tokenizer/`` and named in the config's
+    ``text_cfg.hf_tokenizer_name`` (its absolute path), so that ``open_clip.get_tokenizer(config.stem)`` feeds the
+    model the ids it was trained on.
+
     Returns:
         ``(checkpoint, config)``: ``open_clip.add_model_config(config)`` then
         ``open_clip.create_model(config.stem, pretrained=str(checkpoint))`` loads it with ``strict=True``.
     """
     from .modeling_glip import GLIPModel
+    from .tokenization import load_pretrained_tokenizer
 
     model_dir, out = Path(model_dir), Path(out)
     config_path = model_dir / "config.json"
@@ -682,6 +688,11 @@ def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path 
         save_file(state_dict, out)
     else:
         torch.save(state_dict, out)
+    tokenizer = load_pretrained_tokenizer(str(model_dir))
+    if tokenizer is not None:
+        tokenizer_dir = out.with_name(f"{out.stem}-tokenizer")
+        tokenizer.save_pretrained(tokenizer_dir)
+        open_clip_config["text_cfg"]["hf_tokenizer_name"] = str(tokenizer_dir.resolve())
     config_out.write_text(json.dumps(open_clip_config, indent=2) + "\n")
     return out, config_out
 
@@ -738,9 +749,12 @@ def main(argv: list[str]) -> None:
         out = Path(args.out)
         _refuse_overwrite(out, args.overwrite, is_dir=False)
         checkpoint, config = to_open_clip(args.model_dir, out, args.config_out)
+        tokenizer = json.loads(config.read_text())["text_cfg"].get("hf_tokenizer_name")
         print(
-            f"wrote {checkpoint} and {config}; in open_clip: add_model_config({str(config)!r}); "
-            f"create_model({config.stem!r}, pretrained={str(checkpoint)!r})"
+            f"wrote {checkpoint} and {config}"
+            + (f" and the model's tokenizer to {tokenizer}" if tokenizer else "")
+            + f"; in open_clip: add_model_config({str(config)!r}); create_model({config.stem!r}, "
+            f"pretrained={str(checkpoint)!r})" + (f"; get_tokenizer({config.stem!r})" if tokenizer else "")
         )
 
 

@@ -15,6 +15,7 @@ import csv
 import json
 import math
 import statistics
+import string
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -191,10 +192,23 @@ def class_names_and_templates(args: EvalArguments, dataset: datasets.Dataset) ->
         templates = read_list_file(args.templates, "templates")
     else:
         templates = list(PROMPT_TEMPLATES if args.dataset is None else DEFAULT_TEMPLATES)
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"--templates: every template needs a '{{}}' for the class name; {bad[0]!r} has none.")
+    for template in templates:
+        check_template(template)
     return names, templates
+
+
+def check_template(template: str) -> None:
+    """A prompt template must hold exactly one ``{}`` (the class name) and no other format field; literal braces are
+    written ``{{`` and ``}}``. A one-line ValueError otherwise (``str.format`` raised KeyError / IndexError)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:  # a single '{' or '}'
+        fields = [f"({error})"]
+    if fields != [""]:
+        raise ValueError(
+            f"--templates: {template!r} must hold exactly one '{{}}' for the class name and no other '{{...}}' "
+            "field (write a literal brace as '{{' or '}}')."
+        )
 
 
 def is_name_column(dataset: datasets.Dataset, label_column: str) -> bool:
@@ -599,11 +613,21 @@ def fit_linear_probe(
         ``(metrics on the test rows, {"C": chosen C, "val_top1": its validation accuracy})``; the final classifier
         is refit on train + validation with the chosen C.
     """
+    if len(train_y.unique()) < 2:
+        raise ValueError(
+            f"--train_split: the linear probe needs training rows of 2 or more classes; every usable one is class "
+            f"{int(train_y[0])}. Train it on a split that holds several classes."
+        )
     if val is None:
         order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
         cut = max(1, int(len(order) * val_fraction))
         val = (train_x[order[:cut]], train_y[order[:cut]])
         train_x, train_y = train_x[order[cut:]], train_y[order[cut:]]
+        if len(train_y.unique()) < 2:  # the other classes all went to the validation rows
+            raise ValueError(
+                f"--linear_probe_val_fraction {val_fraction} leaves training rows of one class only (of "
+                f"{len(order)} rows); pass a smaller fraction, a --val_split, or more training rows."
+            )
     best_c, val_accuracy = search_probe_c((train_x, train_y), val, c_grid)
     all_x, all_y = torch.cat([train_x, val[0]]), torch.cat([train_y, val[1]])
     probe = _fit_probe(best_c, all_x, all_y, PROBE_FINAL_MAX_ITER)
@@ -696,10 +720,13 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     return {
         "task": args.task,
         "dataset": args.dataset or BUILTIN,
+        "data_dir": args.data_dir,  # what a builder (imagefolder, parquet, ...) read: which data `dataset` is
+        "data_files": args.data_files,
         "split": args.split,
         "model": args.model or str(DEFAULT_MODEL_DIR),
         "mask_ratio": args.mask_ratio,
         "mask_strategy": strategy if masked else None,
+        "mask_sigma": sigma if masked and strategy == "gaussian" else None,
         "mask_draws": len(runs),
         "seed": args.seed,
         **result,

@@ -15,8 +15,9 @@ JOB.json: ``{"out": DIR, "build": [...], "load": [...]}``
   that the training checkpoint carries an optimizer state). Writes ``NAME.pt`` (state dict), ``NAME.train.pt``
   (training checkpoint), ``NAME.safetensors``, ``NAME.json`` (model config) and, with ``inputs``,
   ``NAME.embeddings.safetensors``.
-- load ``{"name", "config", "checkpoint", "inputs"}``: ``open_clip.create_model`` from the model config JSON,
-  ``load_state_dict(strict=True)`` of the checkpoint, then ``NAME.embeddings.safetensors``.
+- load ``{"name", "config", "checkpoint", "inputs", "texts"?}``: ``open_clip.create_model`` from the model config
+  JSON, ``load_state_dict(strict=True)`` of the checkpoint, then ``NAME.embeddings.safetensors`` (with ``texts``,
+  also ``tokenized_ids`` from ``open_clip.get_tokenizer`` and their ``tokenized`` text embeddings).
 
 Embeddings are ``encode_image`` / ``encode_text`` in eval mode, fp32, not normalised.
 """
@@ -87,7 +88,12 @@ def load(job: dict, out: Path) -> None:
     documented = open_clip.create_model(config.stem, pretrained=checkpoint)
     for key, value in documented.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
-    save_file(embeddings(model, job["inputs"]), out / f"{job['name']}.embeddings.safetensors")
+    outputs = embeddings(model, job["inputs"])
+    if job.get("texts"):  # tokenized as a user does: the tokenizer named by the model config
+        outputs["tokenized_ids"] = open_clip.get_tokenizer(config.stem)(job["texts"])
+        with torch.no_grad():
+            outputs["tokenized"] = model.encode_text(outputs["tokenized_ids"]).contiguous()
+    save_file(outputs, out / f"{job['name']}.embeddings.safetensors")
 
 
 def main(job_path: str) -> None:

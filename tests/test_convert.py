@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import open_clip_python
+from conftest import TEXT_LEN, open_clip_python, tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
@@ -30,6 +30,7 @@ from glip_hf.convert import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+OWN_TEXTS = ["a red circle", "a large blue square in the top left corner", "Green TRIANGLE!"]
 ATOL = 1e-5  # fp32, the same weights through two implementations of the same network
 
 # Small open_clip models with odd sizes, so that a swapped or transposed tensor shows.
@@ -344,8 +345,9 @@ def test_missing_files_and_existing_outputs_are_one_line(capsys, glip_dir, tmp_p
 
 
 @pytest.fixture(scope="module")
-def open_clip_run(tmp_path_factory):
-    """One run of tests/open_clip_side.py: build the open_clip models, load the converted GLIP/CLIP models."""
+def open_clip_run(tmp_path_factory, tokenizer):
+    """One run of tests/open_clip_side.py: build the open_clip models, load the converted GLIP/CLIP models (one of
+    them saved with its own tokenizer, which open_clip's get_tokenizer must then use)."""
     python = open_clip_python()
     work = tmp_path_factory.mktemp("open_clip")
     build, load, expected = [], [], {}
@@ -369,6 +371,18 @@ def open_clip_run(tmp_path_factory):
         expected[name] = hf_embeddings(model, inputs)
         checkpoint, config_path = to_open_clip(work / name, work / f"{name}.pt")
         load.append({"name": name, "config": str(config_path), "checkpoint": str(checkpoint), "inputs": str(inputs)})
+    name, model = "glip_own_tokenizer", random_glip(tiny_config(tokenizer))
+    model.save_pretrained(work / name)
+    tokenizer.save_pretrained(work / name)
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    inputs = make_inputs(work / f"{name}.inputs.safetensors", 30, TEXT_LEN, len(tokenizer), *special)
+    tokens = tokenizer(OWN_TEXTS, padding="max_length", max_length=TEXT_LEN, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        tokenized = model.get_text_features(input_ids=tokens["input_ids"]).pooler_output
+    expected[name] = {**hf_embeddings(model, inputs), "tokenized_ids": tokens["input_ids"], "tokenized": tokenized}
+    checkpoint, config_path = to_open_clip(work / name, work / f"{name}.pt")
+    load.append({"name": name, "config": str(config_path), "checkpoint": str(checkpoint), "inputs": str(inputs)})
+    load[-1]["texts"] = OWN_TEXTS
     job = work / "job.json"
     job.write_text(json.dumps({"out": str(work / "out"), "build": build, "load": load}))
     result = subprocess.run(
@@ -460,6 +474,16 @@ def test_inferred_architecture_equals_the_open_clip_source(open_clip_run, name):
 def test_glip_to_open_clip_embeddings_match(open_clip_run, name):
     actual = load_file(open_clip_run["out"] / f"{name}.embeddings.safetensors")  # loaded with strict=True
     assert_embeddings_close(actual, open_clip_run["expected"][name])
+
+
+def test_to_open_clip_carries_the_models_own_tokenizer(open_clip_run):
+    """open_clip.get_tokenizer(config) gives the ids the model was trained on, not OpenAI's BPE (whose ids were out
+    of this 600-token vocabulary: an IndexError in open_clip)."""
+    actual = load_file(open_clip_run["out"] / "glip_own_tokenizer.embeddings.safetensors")
+    expected = open_clip_run["expected"]["glip_own_tokenizer"]
+    assert torch.equal(actual["tokenized_ids"], expected["tokenized_ids"])
+    torch.testing.assert_close(actual["tokenized"], expected["tokenized"], atol=ATOL, rtol=0)
+    assert_embeddings_close(actual, expected)
 
 
 @pytest.mark.parametrize("name", list(UNSUPPORTED))

@@ -16,8 +16,10 @@ from datasets_util import png_bytes
 import glip_hf
 from glip_hf.arguments import EvalArguments
 from glip_hf.evaluation import (
+    class_names_and_templates,
     encode_images,
     evaluate_model,
+    fit_linear_probe,
     label_names,
     labelled_rows,
     load_model_for_eval,
@@ -399,6 +401,7 @@ def test_masked_inference_is_seeded_and_reports_the_spread_over_draws(saved_mode
     assert len(draws) == len(first_draws) and all(torch.equal(a, b) for a, b in zip(draws, first_draws))
     assert again["metrics"] == first["metrics"] and again["metrics_std"] == first["metrics_std"]
     assert first["mask_draws"] == 3 and first["seed"] == 0 and set(first["metrics_std"]) == set(first["metrics"])
+    assert first["mask_sigma"] == loaded[0].config.vision_config.mask_sigma  # recorded: the card tells sigmas apart
     per_draw = len(first_draws) // 3  # image batches of one draw
     assert not torch.equal(first_draws[0], first_draws[per_draw]), "every draw used the same masks"
     draws.clear()
@@ -410,7 +413,7 @@ def test_masked_inference_is_seeded_and_reports_the_spread_over_draws(saved_mode
 
 def test_unmasked_evaluation_runs_once_and_reports_no_spread(saved_model_dir, eval_dataset):
     result = evaluate_model(args_for(saved_model_dir, eval_dataset, mask_draws=5))
-    assert result["mask_draws"] == 1 and "metrics_std" not in result
+    assert result["mask_draws"] == 1 and "metrics_std" not in result and result["mask_sigma"] is None
 
 
 def test_zero_and_other_falsy_mask_values_are_rejected_not_replaced(saved_model_dir, eval_dataset, model):
@@ -445,6 +448,16 @@ def test_linear_probe_searches_a_wide_range_of_regularisation():
     assert chosen["C"] > 100, f"C={chosen['C']} at or inside the old grid's edge"
     capped, _ = fit_linear_probe(train_x, train_y, test_x, test_y, 2, c_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0))
     assert metrics["top1"] > capped["top1"] + 0.05
+
+
+def test_a_linear_probe_with_training_rows_of_one_class_is_a_one_line_error():
+    """It was scikit-learn's 'This solver needs samples of at least 2 classes', naming no split and no fix."""
+    x, test = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), (torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"^--train_split: .* 2 or more classes; every usable one is class 0\."):
+        fit_linear_probe(x, torch.zeros(10, dtype=torch.long), *test, 2)
+    labels = torch.tensor([0] * 9 + [1])  # the one row of class 1 (row 9) lands in the validation rows at seed 4
+    with pytest.raises(ValueError, match=r"^--linear_probe_val_fraction 0.5 leaves training rows of one class"):
+        fit_linear_probe(x, labels, *test, 2, val_fraction=0.5, seed=4)
 
 
 def test_linear_probe_reports_the_chosen_c(saved_model_dir, eval_dataset):
@@ -536,6 +549,22 @@ def test_list_files_are_stripped_and_a_gap_in_class_names_is_an_error(tmp_path):
             read_list_file(write("bad.json", text), "class_names")
     with pytest.raises(ValueError, match="lists nothing"):
         read_list_file(write("empty.json", '["", " "]'), "templates")
+
+
+@pytest.mark.parametrize("template", ["a {} in {style}.", "a {} and a {}.", "a {0} photo.", "a {} photo }", "{{}}"])
+def test_a_template_with_other_format_fields_is_a_one_line_error(template, tmp_path):
+    """Exactly one '{}' per template: other fields were a KeyError / IndexError traceback after the model loaded, and
+    an escaped '{{}}' made a prompt without the class name."""
+    labelled = datasets.Dataset.from_dict(
+        {"label": [0]}, features=datasets.Features({"label": datasets.ClassLabel(names=["cat"])})
+    )
+    file = tmp_path / "templates.txt"
+    file.write_text(f"a photo of a {{}}.\n{template}\n")
+    with pytest.raises(ValueError, match=r"^--templates: .* must hold exactly one '\{\}' for the class name"):
+        class_names_and_templates(EvalArguments(dataset="local", templates=str(file)), labelled)
+    file.write_text("a {} with {{braces}}.\n")
+    names, templates = class_names_and_templates(EvalArguments(dataset="local", templates=str(file)), labelled)
+    assert [t.format(n) for t in templates for n in names] == ["a cat with {braces}."]
 
 
 def test_list_files_read_without_a_byte_order_mark(tmp_path):

@@ -204,7 +204,8 @@ def test_card_parses_and_its_numbers_are_the_run_files(prepared, run_dir):
     results = {(r.metric_config, r.metric_name.split(" ")[0]): r for r in data.eval_results}
     for path in eval_files(run_dir):
         result = json.loads(path.read_text())
-        config = "unmasked" if result["mask_ratio"] == 0 else f"masked-{result['mask_ratio']}-gaussian"
+        masked = f"masked-{result['mask_ratio']}-gaussian-sigma-{result.get('mask_sigma')}"
+        config = "unmasked" if result["mask_ratio"] == 0 else masked
         for metric, value in result["metrics"].items():
             entry = results.pop((config, metric))
             assert entry.metric_value == value and entry.dataset_split == "test"
@@ -430,6 +431,40 @@ def test_card_of_a_snapshot_summary(run_dir):
     old = {"steps": 200}  # a summary without main_steps never gives negative stages
     text, _ = _card_text(replace(record, run_config=config, summary=old))
     assert _row(text, "optimizer steps") == "200 (0 pre-training + 200 unmasked tuning)"
+
+
+def test_local_datasets_and_mask_sigmas_are_told_apart(run_dir, tmp_path):
+    """Results of one builder (imagefolder) on two local folders, and masked inference at two sigmas, are four cells
+    of the card and four model-index entries (they were refused as the same cell, and named 'imagefolder' only)."""
+    from glip_hf.hub.card import dataset_label, eval_results, read_run
+
+    assert (
+        dataset_label("parquet", None, ["<local>/a.parquet", "<local>/b.parquet"]) == "a.parquet, b.parquet (parquet)"
+    )
+    assert dataset_label(str(tmp_path), str(tmp_path / "sub")) == tmp_path.name  # a local dataset: its own name
+
+    base = {"task": "zeroshot_classification", "split": "test", "metrics": {"top1": 0.5}}
+    results = [
+        {**base, "dataset": "imagefolder", "data_dir": str(tmp_path / "pets"), "mask_ratio": 0.0},
+        {**base, "dataset": "imagefolder", "data_dir": "data/cifar/", "mask_ratio": 0.0},
+        {**base, "dataset": "parquet", "data_files": "/data/flowers/test.parquet", "mask_ratio": 0.0},
+        *({**base, "mask_ratio": 0.5, "mask_strategy": "gaussian", "mask_sigma": s} for s in (0.2, 0.8)),
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    record = read_run(run_dir, [tmp_path / "results.json"])
+    cells = {(e.dataset, e.inference) for e in record.evaluations if e.source != "training_run/train_summary.json"}
+    assert cells == {
+        ("pets (imagefolder)", "unmasked inference"),
+        ("cifar (imagefolder)", "unmasked inference"),
+        ("test.parquet (parquet)", "unmasked inference"),
+        ("builtin", "masked inference: 50% gaussian sigma 0.2, 1 draws"),
+        ("builtin", "masked inference: 50% gaussian sigma 0.8, 1 draws"),
+    }
+    text, _ = _card_text(record)
+    assert "| pets (imagefolder) | test |" in text and "| cifar (imagefolder) | test |" in text
+    assert "masked inference: 50% gaussian sigma 0.8, 1 draws" in text
+    entries = {(r.dataset_type, r.metric_config) for r in eval_results(record.evaluations)}
+    assert {("cifar (imagefolder)", "unmasked"), ("builtin", "masked-0.5-gaussian-sigma-0.8")} <= entries
 
 
 def test_remote_code_headers_hash_all_generated_modules(tmp_path, monkeypatch):

@@ -70,9 +70,19 @@ def redact_paths(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def dataset_label(dataset: str) -> str:
-    """A dataset as the card and model-index name it: a local dataset by its folder or file name only."""
-    return Path(dataset.rstrip("/" + os.sep)).name if is_local_path(dataset) else dataset
+def _base_name(path: str) -> str:
+    return Path(path.rstrip("/" + os.sep)).name
+
+
+def dataset_label(dataset: str, data_dir: str | None = None, data_files: str | list[str] | None = None) -> str:
+    """A dataset as the card and model-index name it: a local dataset by its folder or file name only; a builder
+    (``imagefolder``, ``parquet``, ...) reading local ``data_dir`` / ``data_files`` also by the name of the folder
+    (else the files) it read, ``pets (imagefolder)``: two such datasets are two rows, not one."""
+    if is_local_path(dataset):
+        return _base_name(dataset)
+    files = [data_files] if isinstance(data_files, str) else list(data_files or [])
+    source = _base_name(data_dir) if data_dir else ", ".join(map(_base_name, files))
+    return f"{source} ({dataset})" if source else dataset
 
 
 def percent(ratio: float) -> str:
@@ -94,13 +104,19 @@ class Evaluation:
     num_samples: int | None
     metrics: dict[str, float]
     metrics_std: dict[str, float] = field(default_factory=dict)
+    mask_sigma: float | None = None  # Gaussian masked inference's sigma, when the result records it
+
+    @property
+    def masking(self) -> str:
+        """The masked inference's settings, ``gaussian`` or ``gaussian sigma 0.8`` when the sigma is recorded."""
+        return f"{self.mask_strategy}" + (f" sigma {self.mask_sigma}" if self.mask_sigma is not None else "")
 
     @property
     def inference(self) -> str:
         """The paper's name for how the model was run: unmasked, or masked at a ratio (mean over mask draws)."""
         if self.mask_ratio == 0:
             return "unmasked inference"
-        return f"masked inference: {percent(self.mask_ratio)} {self.mask_strategy}, {self.mask_draws} draws"
+        return f"masked inference: {percent(self.mask_ratio)} {self.masking}, {self.mask_draws} draws"
 
 
 @dataclass
@@ -137,7 +153,9 @@ def _evaluation(result: Any, source: str, path: Path) -> Evaluation:
     return Evaluation(
         source=source,
         task=result["task"],
-        dataset=dataset_label(str(result.get("dataset", BUILTIN_DATASET))),
+        dataset=dataset_label(
+            str(result.get("dataset", BUILTIN_DATASET)), result.get("data_dir"), result.get("data_files")
+        ),
         split=str(result.get("split", "test")),
         mask_ratio=float(result["mask_ratio"]),
         mask_strategy=result.get("mask_strategy"),
@@ -145,6 +163,7 @@ def _evaluation(result: Any, source: str, path: Path) -> Evaluation:
         num_samples=result.get("num_samples"),
         metrics=dict(result["metrics"]),
         metrics_std=dict(result.get("metrics_std", {})),
+        mask_sigma=result.get("mask_sigma"),
     )
 
 
@@ -180,7 +199,7 @@ def _check_distinct(evaluations: list[Evaluation]) -> None:
     """Two results for the same table cell would make the card show one and hide the other."""
     seen: dict[tuple, str] = {}
     for e in evaluations:
-        key = (e.task, e.dataset, e.split, e.mask_ratio, e.mask_strategy)
+        key = (e.task, e.dataset, e.split, e.mask_ratio, e.masking)
         if key in seen:
             raise ValueError(
                 f"{seen[key]} and {e.source} both hold {e.task} on {e.dataset}[{e.split}] with {e.inference}; "
@@ -194,7 +213,9 @@ def _summary_evaluation(run_config: dict[str, Any], summary: dict[str, Any] | No
     held_out = (summary or {}).get("held_out_zero_shot")
     if not held_out:
         return None
-    dataset = dataset_label(run_config.get("dataset_name") or BUILTIN_DATASET)
+    dataset = dataset_label(
+        run_config.get("dataset_name") or BUILTIN_DATASET, run_config.get("data_dir"), run_config.get("data_files")
+    )
     split = run_config.get("eval_split") or "test"
     metrics = {k: v for k, v in held_out.items() if k in ("top1", "top5", "mean_per_class_recall")}
     samples = held_out.get("num_samples")
@@ -441,7 +462,9 @@ def eval_results(evaluations: list[Evaluation]) -> list[EvalResult]:
                     dataset_split=e.split,
                     metric_type=METRIC_TYPES.get(metric, metric),
                     metric_name=f"{metric} ({e.inference})",
-                    metric_config="unmasked" if e.mask_ratio == 0 else f"masked-{e.mask_ratio}-{e.mask_strategy}",
+                    metric_config="unmasked"
+                    if e.mask_ratio == 0
+                    else f"masked-{e.mask_ratio}-{e.masking}".replace(" ", "-"),
                     metric_value=value,
                 )
             )
