@@ -14,6 +14,8 @@
 import json
 from pathlib import Path
 
+from accelerate import PartialState
+
 from glip_hf.arguments import parse_eval_args
 from glip_hf.cli import run_cli
 from glip_hf.evaluation import evaluate_model, run_suite, summary_line
@@ -25,6 +27,8 @@ def evaluate(argv: list[str]) -> None:
         run_suite(args)
         return
     result = evaluate_model(args)
+    if not PartialState().is_main_process:  # every process holds the same gathered result: one line, one writer
+        return
     print(summary_line(result))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

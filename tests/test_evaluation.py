@@ -25,6 +25,7 @@ from glip_hf.evaluation import (
     load_model_for_eval,
     names_to_ids,
     run_suite,
+    summary_line,
     zero_shot_classifier,
 )
 from glip_hf.metrics import classification_metrics, load_metric, retrieval_metrics
@@ -360,8 +361,12 @@ def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_datase
         timeout=300,
     )
     # --cpu true: without it, Accelerate on a GPU-less machine joins neither process and the launch is refused.
-    launch_two_processes(ROOT / "run_eval.py", *common, "--cpu", "true", "--output", tmp_path / "two.json", port=29535)
+    printed = launch_two_processes(
+        ROOT / "run_eval.py", *common, "--cpu", "true", "--output", tmp_path / "two.json", port=29535
+    )
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    # one summary line and one writer of --output (every process used to print it and write the same file)
+    assert printed.splitlines().count(summary_line(two)) == 1
     assert one["num_samples"] == two["num_samples"] == 24
     # Sharding changes float32 batch composition, which can flip a near-tied image: allow one image, no more.
     assert one["metrics"] == pytest.approx(two["metrics"], abs=1 / 24 + 1e-9)
