@@ -132,6 +132,20 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_matches_an_uninte
     print(f"{signum.name} stopped the run after step {step}; resumed, weights bit-identical")
 
 
+def test_a_stop_signal_to_every_process_of_the_job_spares_the_dataloader_workers(tmp_path, cache):
+    """SLURM signals every process of a job step (scancel, preemption, ``--signal`` without ``B:``), DataLoader
+    workers too: a worker the signal killed crashed the run (``DataLoader worker ... is killed by signal``) before it
+    could checkpoint. The workers leave the signal to the main process, which stops as without workers."""
+    output_dir = tmp_path / "run"
+    process = start(output_dir, cache, "--save_steps", "100", "--num_workers", "2")
+    wait_for(lambda: logged_step(output_dir) >= 3, process, "step 3")
+    os.killpg(process.pid, signal.SIGTERM)  # the run and both of its workers, as the scheduler does
+    code, output = finish(process)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in output, output
+    step = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
+    assert list_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
+
+
 def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint(tmp_path, cache):
     """Two gloo processes under ``accelerate launch --multi_gpu``: torch's launcher forwards SIGTERM to both, which
     agree on the step, write one checkpoint together and stop."""
