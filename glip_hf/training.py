@@ -53,7 +53,7 @@ from .data import (
     text_context,
     training_batches,
 )
-from .launch import check_launch, use_cores_on_cpu
+from .launch import check_launch, check_mixed_precision, use_cores_on_cpu
 from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
@@ -182,6 +182,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         step_scheduler_with_optimizer=False,
     )
     check_launch(accelerator)
+    check_mixed_precision(accelerator)
     use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread unless the user said otherwise
     # Everything a user can get wrong about the run directory or the starting point fails here, before any write.
     run_config = to_flat_dict(model_args, data_args, training_args)
