@@ -598,6 +598,12 @@ def test_overwrite_changes_nothing_when_the_new_run_fails_its_checks(tmp_path):
     with pytest.raises(ValueError, match="--caption_column 'nope'"):
         in_process(tmp_path, *flags, "--overwrite_output_dir", "true", "--caption_column", "nope")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A check after the tokenizer is resolved: the earlier run's model keeps its own tokenizer beside it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=50 exceeds the 5 batches per epoch"):
+        overwrite = ["--overwrite_output_dir", "true", "--tokenizer_vocab_size", "700"]
+        in_process(tmp_path, *overwrite, "--max_steps", "-1", "--gradient_accumulation_steps", "50")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 # ------------------------------------------------------------------------ resume under another lr schedule
