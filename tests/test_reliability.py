@@ -509,6 +509,11 @@ def test_a_checkpoint_resumes_only_with_the_model_it_was_written_for(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.warns(UserWarning, match=r"keeps its optimizer state and base learning rates: learning_rate=1e\+30"):
         in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-9")
+    # Another batch size or seed places the checkpoint's batch count at other rows of its epoch: said, not silent.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    moved = r"per_device_train_batch_size=8 \(now 4\): its position, 2 batch\(es\) into epoch 0, .* repeats some rows"
+    with pytest.warns(UserWarning, match=moved):
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "4")
 
 
 def test_a_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path):
