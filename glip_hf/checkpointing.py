@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .arguments import ARCHITECTURE_FIELDS
 from .optimization import Schedule
+from .tracking import TRACKER_PROJECT
 
 CHECKPOINT_DIR = "checkpoints"
 LOSS_STATE = "loss.safetensors"
@@ -38,6 +39,7 @@ RUN_MARKERS = ("metrics.jsonl", "train_summary.json", "model.safetensors", CHECK
 FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that reached its end
 # The files of a run's own that a replacing run removes first (the model directory is rewritten at its end).
 RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "config.json", "loss_curve.png")
+RUN_OUTPUT_DIRS = (TRACKER_PROJECT,)  # its TensorBoard logs: a new run's would be drawn as one curve with them
 # Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
 # torch_compile: a compiled model's checkpoint names its weights "_orig_mod.*", which the other mode cannot load.
 RESUME_FIXED = (*ARCHITECTURE_FIELDS, "loss", "torch_compile")
@@ -156,6 +158,8 @@ def apply_start(plan: StartPlan, output_dir: str | Path) -> None:
                 _discard(entry)
         for name in RUN_OUTPUTS:
             (Path(output_dir) / name).unlink(missing_ok=True)
+        for name in RUN_OUTPUT_DIRS:
+            _discard(Path(output_dir) / name)
     if plan.abandoned:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = root / f"abandoned-{stamp}"

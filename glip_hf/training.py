@@ -66,7 +66,7 @@ from .sharding import full_state_dict, gradient_norm, make_shardable, parameter_
 from .step import train_step
 from .synthetic import PROMPT_TEMPLATES
 from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
-from .tracking import MetricsLog, plot_loss_curve, resolve_report_to
+from .tracking import TRACKER_PROJECT, MetricsLog, plot_loss_curve, resolve_report_to
 
 DIVERGED_EXIT = 3  # the exit status of a run stopped by --max_nonfinite_steps (a crash exits 1, a signal 128 + n)
 
@@ -275,7 +275,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
     if trackers:
         accelerator.init_trackers(
-            "glip", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
+            TRACKER_PROJECT, config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
         )
     run = _Run(
         accelerator,

@@ -338,9 +338,11 @@ def test_model_is_unchanged_by_skipped_steps(tmp_path, inject_nan):
 
 def test_an_earlier_run_is_never_overwritten_without_the_flag(tmp_path):
     flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--save_total_limit", "5"]
-    in_process(tmp_path, *flags)
+    in_process(tmp_path, *flags, "--report_to", "tensorboard")
     out = tmp_path / "out"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    earlier_events = list(out.glob("glip/**/events.out.tfevents.*"))
+    assert earlier_events
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(FileExistsError, match=r"output_dir=.*out holds an earlier run .*--overwrite_output_dir true"):
         in_process(tmp_path, *flags)
@@ -351,6 +353,7 @@ def test_an_earlier_run_is_never_overwritten_without_the_flag(tmp_path):
     in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--overwrite_output_dir", "true")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]  # the earlier run's 1, 2 were cleared
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not any(p.exists() for p in earlier_events)  # TensorBoard would draw both runs' curves as one
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
     AcceleratorState._reset_state(reset_partial_state=True)
