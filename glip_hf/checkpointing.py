@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .arguments import ARCHITECTURE_FIELDS
 from .optimization import Schedule
+from .tracking import TRACKER_PROJECT
 
 CHECKPOINT_DIR = "checkpoints"
 LOSS_STATE = "loss.safetensors"
@@ -38,9 +39,12 @@ RUN_MARKERS = ("metrics.jsonl", "train_summary.json", "model.safetensors", CHECK
 FINISHED_MARKERS = ("model.safetensors", "train_summary.json")  # a run that reached its end
 # The files of a run's own that a replacing run removes first (the model directory is rewritten at its end).
 RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "config.json", "loss_curve.png")
+RUN_OUTPUT_DIRS = (TRACKER_PROJECT,)  # its TensorBoard logs: a new run's would be drawn as one curve with them
 # Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
 # torch_compile: a compiled model's checkpoint names its weights "_orig_mod.*", which the other mode cannot load.
 RESUME_FIXED = (*ARCHITECTURE_FIELDS, "loss", "torch_compile")
+# Settings that place a batch in its epoch (with the number of processes): the row order and the rows per batch.
+_DATA_POSITION = ("seed", "per_device_train_batch_size")
 # Settings whose checkpointed value wins on resume (the optimizer state and the schedule's base rates are restored).
 RESUME_RESTORED = (
     "learning_rate",
@@ -154,6 +158,8 @@ def apply_start(plan: StartPlan, output_dir: str | Path) -> None:
                 _discard(entry)
         for name in RUN_OUTPUTS:
             (Path(output_dir) / name).unlink(missing_ok=True)
+        for name in RUN_OUTPUT_DIRS:
+            _discard(Path(output_dir) / name)
     if plan.abandoned:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = root / f"abandoned-{stamp}"
@@ -195,12 +201,28 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
                 "(the command line's values for these have no effect).",
                 stacklevel=2,
             )
+    _warn_data_position(checkpoint, before or {}, config, num_processes)
+
+
+def _warn_data_position(checkpoint: Path, before: dict[str, Any], config: dict[str, Any], num_processes: int) -> None:
+    """Warn when what places a batch in its epoch changed: a checkpoint records its position as micro-batches of each
+    process into the epoch's permutation (drawn from ``seed``), so a resume with another batch size, seed or number
+    of processes starts at other rows, and the rest of that epoch repeats some rows and misses others."""
+    changed = [
+        f"{k}={before[k]!r} (now {config.get(k)!r})"
+        for k in _DATA_POSITION
+        if k in before and before[k] != config.get(k)
+    ]
     ranks = len(list(checkpoint.glob("random_states_*.pkl")))
     if ranks and ranks != num_processes:
+        changed.append(f"{ranks} process(es) (now {num_processes}; the patch masks differ too)")
+    if changed:
+        progress = TrainingProgress.load(checkpoint)
         warnings.warn(
-            f"{checkpoint} was written by {ranks} process(es) and is resumed by {num_processes}: the data sharding "
-            "and patch masks differ from an uninterrupted run from here on.",
-            stacklevel=2,
+            f"{checkpoint} was written with {', '.join(changed)}: its position, {progress.batch_in_epoch} batch(es) "
+            f"into epoch {progress.epoch}, is counted in the new batches, so the rest of that epoch repeats some rows "
+            "and misses others, and the run differs from an uninterrupted one from here on.",
+            stacklevel=3,
         )
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
+from .preemption import spare_worker
 from .synthetic import build_synthetic_dataset
 
 if TYPE_CHECKING:  # imported where used: decoding and collating a batch need neither datasets nor accelerate
@@ -812,6 +813,7 @@ def make_train_dataloader(
         drop_last=True,
         generator=torch.Generator().manual_seed(training_args.seed),
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=spare_worker,  # a scheduler's stop signal reaches the workers too; the main process acts on it
     )
     if not data_args.streaming:
         if len(train_data) < training_args.per_device_train_batch_size * accelerator.num_processes:

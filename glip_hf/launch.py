@@ -36,6 +36,17 @@ def check_launch(accelerator: Accelerator) -> None:
         )
 
 
+def check_mixed_precision(accelerator: Accelerator) -> None:
+    """Stop a run asked for fp16 on the CPU (by ``--mixed_precision`` or the accelerate config): Accelerate (1.15)
+    then trains in float32 without a word (it autocasts to fp16 only on GPU-like devices), and the run would record
+    fp16 in its summary and model card. bf16 autocasts on the CPU."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError(
+            "mixed_precision='fp16' is invalid on the CPU: Accelerate autocasts to fp16 only on GPUs and would train "
+            "in float32; pass --mixed_precision bf16 or no (or accelerate launch --mixed_precision bf16 or no)."
+        )
+
+
 def launcher_chose_threads() -> bool:
     """Whether ``OMP_NUM_THREADS`` in this process was set by the launcher that started it, not by the user.
 

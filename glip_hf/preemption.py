@@ -2,11 +2,14 @@
 time limit, ``#SBATCH --signal=USR1@120``).
 
 The handler only records the signal; the training loop asks ``requested()`` after each step, agrees with the other
-processes, writes a checkpoint and stops (see ``training.py``). Nothing is interrupted half-way.
+processes, writes a checkpoint and stops (see ``training.py``). Nothing is interrupted half-way. SLURM signals every
+process of a job step, the DataLoader's workers too: `spare_worker` (their ``worker_init_fn``) leaves the signals to
+the main process.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -45,3 +48,21 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def spare_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: this worker survives the scheduler's SIGTERM / SIGUSR1, which are for the main
+    process (a worker they ended would crash the run before its checkpoint: ``DataLoader worker ... is killed by
+    signal``). A SIGTERM from the main process itself (how torch ends a worker that does not stop when asked) still
+    ends it, as torch's own worker handler does. Needs ``sigwaitinfo`` (Linux); elsewhere nothing changes."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the thread below, started after, inherits the mask
+    threading.Thread(target=_take_stop_signals, args=(os.getppid(),), name="glip-spare-worker", daemon=True).start()
+
+
+def _take_stop_signals(main_process: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)  # blocked in every thread, so taken here, with its sender
+        if info.si_signo == signal.SIGTERM and info.si_pid == main_process:
+            os._exit(0)

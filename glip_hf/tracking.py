@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+# Accelerate's project name for the run's trackers: TensorBoard logs go to <output_dir>/glip.
+TRACKER_PROJECT = "glip"
+
 
 def resolve_report_to(value: str) -> list[str]:
     """``auto`` -> tensorboard when installed, else nothing; ``none`` -> nothing; ``a,b`` -> those trackers."""

@@ -7,8 +7,10 @@ schedule, ``prepare``, resume, the loop (masked stage, then optional unmasked tu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -53,7 +55,7 @@ from .data import (
     text_context,
     training_batches,
 )
-from .launch import check_launch, use_cores_on_cpu
+from .launch import check_launch, check_mixed_precision, use_cores_on_cpu
 from .losses import MAX_LOGIT_SCALE, ContrastiveLoss
 from .masking import num_kept_patches
 from .modeling_glip import GLIPModel, masked_inference
@@ -64,7 +66,7 @@ from .sharding import full_state_dict, gradient_norm, make_shardable, parameter_
 from .step import train_step
 from .synthetic import PROMPT_TEMPLATES
 from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
-from .tracking import MetricsLog, plot_loss_curve, resolve_report_to
+from .tracking import TRACKER_PROJECT, MetricsLog, plot_loss_curve, resolve_report_to
 
 DIVERGED_EXIT = 3  # the exit status of a run stopped by --max_nonfinite_steps (a crash exits 1, a signal 128 + n)
 
@@ -146,17 +148,24 @@ def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
     return GLIPModel(config)
 
 
+def _tokenizer_staging(data_args: DataArguments, training_args: TrainingArguments) -> Path:
+    """Where the main process leaves the run's tokenizer for the others, in the cache (every node sees it), not in
+    the output directory: a start that fails a later check then leaves an earlier run's tokenizer in place."""
+    run = hashlib.sha256(str(Path(training_args.output_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(data_args.cache_dir) / "run-tokenizers" / run
+
+
 def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint: Path | None):
-    """The run's tokenizer, resolved once by the main process and saved into the run directory; the other
+    """The run's tokenizer, resolved once by the main process and saved to `_tokenizer_staging`; the other
     processes load that copy, and a resumed run the checkpoint's (an offline-trained BPE is not bit-reproducible)."""
     from transformers import AutoTokenizer
 
-    output_dir = Path(training_args.output_dir)
+    staging = _tokenizer_staging(data_args, training_args)
     if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=model_args.trust_remote_code)
     with accelerator.main_process_first():
         if not accelerator.is_main_process:
-            return AutoTokenizer.from_pretrained(output_dir, trust_remote_code=model_args.trust_remote_code)
+            return AutoTokenizer.from_pretrained(staging, trust_remote_code=model_args.trust_remote_code)
         tokenizer = load_or_train_tokenizer(
             model_args.tokenizer_name or model_args.init_from,
             lambda: caption_sample(train_data, data_args.caption_column),
@@ -165,7 +174,7 @@ def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_
             must_load=model_args.tokenizer_name is not None,
             trust_remote_code=model_args.trust_remote_code,
         )
-        tokenizer.save_pretrained(output_dir)
+        tokenizer.save_pretrained(staging)
         return tokenizer
 
 
@@ -182,6 +191,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         step_scheduler_with_optimizer=False,
     )
     check_launch(accelerator)
+    check_mixed_precision(accelerator)
     use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread unless the user said otherwise
     # Everything a user can get wrong about the run directory or the starting point fails here, before any write.
     run_config = to_flat_dict(model_args, data_args, training_args)
@@ -249,6 +259,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         if plan.replaced and training_args.overwrite_output_dir:
             print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(plan.replaced)}).")
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        tokenizer.save_pretrained(output_dir)
+        shutil.rmtree(_tokenizer_staging(data_args, training_args), ignore_errors=True)  # every process has read it
     accelerator.wait_for_everyone()
 
     progress = TrainingProgress(main_steps=main_steps)
@@ -263,7 +275,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
     if trackers:
         accelerator.init_trackers(
-            "glip", config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
+            TRACKER_PROJECT, config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
         )
     run = _Run(
         accelerator,

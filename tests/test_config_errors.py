@@ -98,6 +98,7 @@ PRETRAINING_CASES = [
     ("report_to_unknown_tracker", ["--report_to", "tensorbord"], None, r"report_to='tensorbord'.*tensorboard"),
     ("loss_unknown", ["--loss", "triplet"], None, r"loss='triplet'.*clip or siglip"),
     ("mixed_precision_unknown", ["--mixed_precision", "fp8"], None, r"mixed_precision='fp8'.*bf16"),
+    ("fp16_on_the_cpu", ["--mixed_precision", "fp16"], None, r"mixed_precision='fp16' .*CPU.*float32.*bf16 or no"),
     ("crop_scale_inverted", ["--crop_scale_min", "0.9", "--crop_scale_max", "0.5"], None, r"crop_scale_min=0\.9"),
     ("streaming_without_max_steps", ["--streaming", "true", "--max_steps", "-1"], None, r"max_steps=-1 .*stream"),
     ("flag_value_not_a_number", ["--learning_rate", "abc"], None, r"--learning_rate.*invalid float value: 'abc'"),

@@ -132,6 +132,20 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_matches_an_uninte
     print(f"{signum.name} stopped the run after step {step}; resumed, weights bit-identical")
 
 
+def test_a_stop_signal_to_every_process_of_the_job_spares_the_dataloader_workers(tmp_path, cache):
+    """SLURM signals every process of a job step (scancel, preemption, ``--signal`` without ``B:``), DataLoader
+    workers too: a worker the signal killed crashed the run (``DataLoader worker ... is killed by signal``) before it
+    could checkpoint. The workers leave the signal to the main process, which stops as without workers."""
+    output_dir = tmp_path / "run"
+    process = start(output_dir, cache, "--save_steps", "100", "--num_workers", "2")
+    wait_for(lambda: logged_step(output_dir) >= 3, process, "step 3")
+    os.killpg(process.pid, signal.SIGTERM)  # the run and both of its workers, as the scheduler does
+    code, output = finish(process)
+    assert code == 128 + signal.SIGTERM and "Traceback" not in output, output
+    step = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
+    assert list_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
+
+
 def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint(tmp_path, cache):
     """Two gloo processes under ``accelerate launch --multi_gpu``: torch's launcher forwards SIGTERM to both, which
     agree on the step, write one checkpoint together and stop."""
@@ -324,9 +338,11 @@ def test_model_is_unchanged_by_skipped_steps(tmp_path, inject_nan):
 
 def test_an_earlier_run_is_never_overwritten_without_the_flag(tmp_path):
     flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--save_total_limit", "5"]
-    in_process(tmp_path, *flags)
+    in_process(tmp_path, *flags, "--report_to", "tensorboard")
     out = tmp_path / "out"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    earlier_events = list(out.glob("glip/**/events.out.tfevents.*"))
+    assert earlier_events
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(FileExistsError, match=r"output_dir=.*out holds an earlier run .*--overwrite_output_dir true"):
         in_process(tmp_path, *flags)
@@ -337,6 +353,7 @@ def test_an_earlier_run_is_never_overwritten_without_the_flag(tmp_path):
     in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--overwrite_output_dir", "true")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-1"]  # the earlier run's 1, 2 were cleared
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not any(p.exists() for p in earlier_events)  # TensorBoard would draw both runs' curves as one
     assert (out / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -495,6 +512,11 @@ def test_a_checkpoint_resumes_only_with_the_model_it_was_written_for(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.warns(UserWarning, match=r"keeps its optimizer state and base learning rates: learning_rate=1e\+30"):
         in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-9")
+    # Another batch size or seed places the checkpoint's batch count at other rows of its epoch: said, not silent.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    moved = r"per_device_train_batch_size=8 \(now 4\): its position, 2 batch\(es\) into epoch 0, .* repeats some rows"
+    with pytest.warns(UserWarning, match=moved):
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "4")
 
 
 def test_a_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path):
@@ -583,6 +605,12 @@ def test_overwrite_changes_nothing_when_the_new_run_fails_its_checks(tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match="--caption_column 'nope'"):
         in_process(tmp_path, *flags, "--overwrite_output_dir", "true", "--caption_column", "nope")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # A check after the tokenizer is resolved: the earlier run's model keeps its own tokenizer beside it.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=50 exceeds the 5 batches per epoch"):
+        overwrite = ["--overwrite_output_dir", "true", "--tokenizer_vocab_size", "700"]
+        in_process(tmp_path, *overwrite, "--max_steps", "-1", "--gradient_accumulation_steps", "50")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
