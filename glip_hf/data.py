@@ -14,6 +14,7 @@ where a checkpoint left off. Sections: loading datasets; webdataset shards; imag
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -813,7 +814,8 @@ def make_train_dataloader(
         drop_last=True,
         generator=torch.Generator().manual_seed(training_args.seed),
         pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=spare_worker,  # a scheduler's stop signal reaches the workers too; the main process acts on it
+        # a scheduler's stop signal reaches the workers too; the main process (this one) acts on it
+        worker_init_fn=functools.partial(spare_worker, main_process=os.getpid()),
     )
     if not data_args.streaming:
         if len(train_data) < training_args.per_device_train_batch_size * accelerator.num_processes:

@@ -50,19 +50,22 @@ class StopSignals:
         self._previous.clear()
 
 
-def spare_worker(worker_id: int) -> None:
+def spare_worker(worker_id: int, main_process: int | None = None) -> None:
     """DataLoader ``worker_init_fn``: this worker survives the scheduler's SIGTERM / SIGUSR1, which are for the main
     process (a worker they ended would crash the run before its checkpoint: ``DataLoader worker ... is killed by
     signal``). A SIGTERM from the main process itself (how torch ends a worker that does not stop when asked) still
-    ends it, as torch's own worker handler does. Needs ``sigwaitinfo`` (Linux); elsewhere nothing changes."""
+    ends it, as torch's own worker handler does. Bind ``main_process`` to the pid of the process that iterates the
+    loader (``functools.partial(spare_worker, main_process=os.getpid())``): under the ``forkserver`` or ``spawn``
+    start methods a worker's parent is not that process. Needs ``sigwaitinfo`` (Linux); elsewhere nothing changes."""
     if not hasattr(signal, "sigwaitinfo"):
         return
+    senders = {os.getppid()} | ({main_process} if main_process is not None else set())
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the thread below, started after, inherits the mask
-    threading.Thread(target=_take_stop_signals, args=(os.getppid(),), name="glip-spare-worker", daemon=True).start()
+    threading.Thread(target=_take_stop_signals, args=(senders,), name="glip-spare-worker", daemon=True).start()
 
 
-def _take_stop_signals(main_process: int) -> None:
+def _take_stop_signals(senders: set[int]) -> None:
     while True:
         info = signal.sigwaitinfo(STOP_SIGNALS)  # blocked in every thread, so taken here, with its sender
-        if info.si_signo == signal.SIGTERM and info.si_pid == main_process:
+        if info.si_signo == signal.SIGTERM and info.si_pid in senders:
             os._exit(0)

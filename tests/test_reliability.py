@@ -146,6 +146,41 @@ def test_a_stop_signal_to_every_process_of_the_job_spares_the_dataloader_workers
     assert list_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
 
 
+FORKED_WORKER = """
+import os, sys, time
+from glip_hf.preemption import spare_worker
+worker = os.fork()  # as a DataLoader worker under the fork start method: one thread, whatever its parent ran
+if worker == 0:
+    spare_worker(0, main_process=int(sys.argv[1]))
+    print(os.getpid(), "ready", flush=True)
+    time.sleep(60)
+    os._exit(3)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]))  # 0: it took the signal and left
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="spare_worker needs sigwaitinfo")
+def test_a_spared_worker_ignores_other_senders_but_obeys_the_process_that_iterates_it():
+    """A worker's parent need not be the process iterating the loader: a SIGTERM from the process bound as
+    ``main_process`` ends the worker (torch's way of ending a stuck one); one from anyone else (the scheduler) does
+    not. Here the worker is forked by a middle process, as by a forkserver; this test is the main one. (A worker that
+    imports torch afresh, under spawn or forkserver, has threads that do not block the signals: not spared there.)"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    middle = subprocess.Popen(
+        [sys.executable, "-c", FORKED_WORKER, str(os.getpid())], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        pid, state = middle.stdout.readline().split()
+        assert state == "ready"
+        subprocess.run(["kill", "-TERM", pid], check=True)  # another sender: ignored
+        time.sleep(0.5)
+        assert middle.poll() is None
+        os.kill(int(pid), signal.SIGTERM)  # the main process: obeyed
+        assert middle.wait(timeout=20) == 0
+    finally:
+        middle.kill()
+
+
 def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint(tmp_path, cache):
     """Two gloo processes under ``accelerate launch --multi_gpu``: torch's launcher forwards SIGTERM to both, which
     agree on the step, write one checkpoint together and stop."""
