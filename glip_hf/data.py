@@ -18,6 +18,7 @@ import functools
 import hashlib
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -736,6 +737,21 @@ def make_image_processor(image_size: int, name_or_path: str | None = None, trust
 
 
 # ------------------------------------------------------------------------------------------- training batches
+
+
+def save_processor(folder: str | Path, tokenizer, image_processor) -> None:
+    """Save the tokenizer and image processor a model was trained with into its folder, and the
+    ``processor_config.json`` that makes ``AutoProcessor.from_pretrained(folder)`` a ``CLIPProcessor`` of the two
+    (without it, AutoProcessor returns the tokenizer alone: no ``processor(images=...)``)."""
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    write_processor_config(Path(folder))
+
+
+def write_processor_config(folder: Path) -> None:
+    """``folder/processor_config.json`` naming ``CLIPProcessor``, unless the folder has one."""
+    if not (folder / "processor_config.json").is_file():
+        (folder / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}, indent=2))
 
 
 def load_training_data(data_args: DataArguments, model_args: ModelArguments):

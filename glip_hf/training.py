@@ -52,6 +52,7 @@ from .data import (
     load_training_data,
     make_image_processor,
     prepare_for_decoding,
+    save_processor,
     text_context,
     training_batches,
 )
@@ -568,8 +569,7 @@ class HubPusher:
         tmp = tempfile.TemporaryDirectory(prefix="glip-snapshot-")
         snapshot = Path(tmp.name)
         run.unwrapped.save_pretrained(snapshot, state_dict=state)  # now, in this thread: the weights of this step
-        run.tokenizer.save_pretrained(snapshot)
-        run.image_processor.save_pretrained(snapshot)
+        save_processor(snapshot, run.tokenizer, run.image_processor)
         (snapshot / "run_config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
         summary = {**run_summary(run.progress, run.accelerator, run.main_steps), "snapshot": True}
         (snapshot / "train_summary.json").write_text(json.dumps(summary, indent=1))
@@ -649,8 +649,7 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
     state = full_state_dict(accelerator, run.model)  # every process: FSDP gathers the shards on the main one
     if accelerator.is_main_process:
         model.save_pretrained(output_dir, state_dict=state)
-        tokenizer.save_pretrained(output_dir)
-        image_processor.save_pretrained(output_dir)
+        save_processor(output_dir, tokenizer, image_processor)
         plot_loss_curve(
             metrics.read(), output_dir / "loss_curve.png", main_steps if training_args.unmasked_tuning_steps else None
         )

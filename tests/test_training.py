@@ -81,6 +81,12 @@ def test_smoke_run_writes_a_loadable_model_and_its_records(tmp_path):
         render_example_scene(16), candidate_labels=["red circle", "blue star"], hypothesis_template="{}"
     )
     assert len(result) == 2
+    from transformers import AutoProcessor, CLIPProcessor
+
+    processor = AutoProcessor.from_pretrained(out)  # was the tokenizer alone: no processor_config.json
+    assert isinstance(processor, CLIPProcessor)
+    batch = processor(images=render_example_scene(16), text=["red circle"], return_tensors="pt", padding=True)
+    assert batch["pixel_values"].shape == (1, 3, 16, 16) and batch["input_ids"].shape[0] == 1
 
 
 def run_and_resume_from_copy(tmp_path: Path, flags: list[str], checkpoint: str):

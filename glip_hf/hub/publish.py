@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from ..data import write_processor_config
 from ..masking import render_mask_figure
 from ..modeling_glip import GLIPModel
 from .card import FLAVOURS, RunRecord, dataset_label, read_run, redact_paths, render_model_card
@@ -92,8 +93,7 @@ def _write_processor(run_dir: Path, folder: Path) -> None:
     for name in PROCESSOR_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, folder / name)
-    if not (folder / "processor_config.json").is_file():  # lets AutoProcessor build the CLIPProcessor
-        (folder / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}, indent=2))
+    write_processor_config(folder)  # a run older than the file: lets AutoProcessor build the CLIPProcessor
 
 
 def _published_eval(result: Any, repo_id: str) -> Any:
