@@ -288,10 +288,11 @@ def _did_you_mean(names: list[str], known: set[str], prefix: str = "") -> str:
 def _flatten_yaml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("model", "data", "training") and (isinstance(value, dict) or value is None):
-            values.update(value or {})
-        else:
-            values[key] = value
+        section = key in ("model", "data", "training") and (isinstance(value, dict) or value is None)
+        for name, setting in (value or {}).items() if section else [(key, value)]:
+            if name in values:  # e.g. top level and under training: the run would silently take the later one
+                raise ValueError(f"{path}: {name!r} is set twice (top level or two sections); drop one of them.")
+            values[name] = setting
     known = {f.name for cls in RUN_SECTIONS for f in dataclasses.fields(cls)}
     unknown = sorted(str(key) for key in set(values) - known)
     if unknown:
@@ -302,14 +303,30 @@ def _flatten_yaml(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} written twice (the later would win silently)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(error, "problem", None) or "unreadable YAML"
-        raise ValueError(f"{path}: {problem}{where}; fix the YAML syntax.") from None
+        fix = "drop one of them" if isinstance(error, yaml.constructor.ConstructorError) else "fix the YAML syntax"
+        raise ValueError(f"{path}: {problem}{where}; {fix}.") from None
 
 
 def _convert(value: Any, kind: type) -> Any:

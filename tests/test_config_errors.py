@@ -127,6 +127,14 @@ PRETRAINING_CASES = [
     ("yaml_int_not_integral", [], "per_device_train_batch_size: 8.5\n", r"run\.yaml: per_device_train_batch_size="),
     ("yaml_unquoted_no", [], "mixed_precision: no\n", r"run\.yaml: mixed_precision=False .*quote"),
     ("yaml_bad_value", [], "model:\n  mask_ratio: 1.5\n", r"mask_ratio .*1\.5"),
+    # PyYAML keeps the later of two equal keys, and sections were merged the same way: both silently took one value
+    (
+        "yaml_key_twice",
+        [],
+        "training:\n  max_steps: 3\n  max_steps: 4\n",
+        r"run\.yaml: key 'max_steps' .*twice.*line 3",
+    ),
+    ("yaml_key_in_two_places", [], "seed: 1\ntraining:\n  seed: 2\n", r"run\.yaml: 'seed' is set twice"),
     ("output_dir_is_a_file", ["--output_dir", "{ws}/a_file"], None, r"output_dir=.*a_file is a file"),
     (
         "output_dir_holds_earlier_run",
