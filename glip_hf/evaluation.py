@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .arguments import DataArguments, EvalArguments
+from .arguments import DataArguments, EvalArguments, read_yaml
 from .data import (
     SKIP_REASONS,
     check_columns,
@@ -792,7 +792,9 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
     path = Path(args.suite)
     if not path.is_file():
         raise FileNotFoundError(f"--suite {path} not found; pass an existing YAML file.")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(path) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a suite must be a mapping with an 'entries:' list of tasks.")
     entries = spec.get("entries")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{path}: needs a non-empty 'entries:' list of tasks.")

@@ -347,6 +347,12 @@ def test_suite_writes_markdown_and_csv(saved_model_dir, eval_dataset, tmp_path):
     bad.write_text("entries:\n  - task: retrieval\n    colour: red\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour'\]"):
         run_suite(EvalArguments(model=str(saved_model_dir), suite=str(bad)))
+    bad.write_text("entries:\n  - task: retrieval\n    task: zeroshot_classification\n")  # PyYAML kept the later
+    with pytest.raises(ValueError, match=r"bad.yaml: key 'task' written twice .*line 3"):
+        run_suite(EvalArguments(model=str(saved_model_dir), suite=str(bad)))
+    bad.write_text("- task: retrieval\n")  # was an AttributeError traceback
+    with pytest.raises(ValueError, match=r"bad.yaml: a suite must be a mapping"):
+        run_suite(EvalArguments(model=str(saved_model_dir), suite=str(bad)))
 
 
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
