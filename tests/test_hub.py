@@ -25,6 +25,7 @@ from glip_hf.arguments import parse_eval_args, parse_run_args
 from glip_hf.cli import run_cli
 from glip_hf.evaluation import evaluate_model
 from glip_hf.hub.__main__ import main as hub_main
+from glip_hf.hub.publish import default_repo_id
 from glip_hf.masking import num_kept_patches
 from glip_hf.tokenization import load_pretrained_tokenizer
 from glip_hf.training import train
@@ -491,3 +492,12 @@ def test_remote_code_headers_hash_all_generated_modules(tmp_path, monkeypatch):
     assert len({re.search(r"\(code (\w+)\)", line).group(1) for line in before.values()}) == 1
     for name in ("configuration_glip.py", "modeling_glip.py", "masking.py"):
         assert before[name] != after[name] and glip_hf.__version__ in before[name], name
+
+
+@pytest.mark.parametrize(
+    "folder, repo_id",
+    [("run one", "run-one"), ("glip_b16.v2", "glip_b16.v2"), ("ėxpériènce 1", "xp-ri-nce-1"), ("...", "glip-model")],
+)
+def test_the_default_repo_id_is_a_valid_hub_name(folder, repo_id, tmp_path):
+    # a run folder named "run one" put "your-username/run one" in the card's snippet and model-index
+    assert default_repo_id(tmp_path / folder) == f"your-username/{repo_id}"

@@ -15,6 +15,7 @@ rendered from ``model_card.md``, the mask picture, and the run's records under `
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -50,6 +51,13 @@ RUN_RECORDS = {"run_config.yaml": "run_config", "train_summary.json": "train_sum
 MASK_PICTURE = "masks.png"
 MASK_PICTURE_DRAWS = 4096
 TOKEN_HELP = "run `hf auth login` (or `huggingface-cli login`) with a token that can write, or set HF_TOKEN"
+
+
+def default_repo_id(run_dir: str | Path) -> str:
+    """``your-username/<name>``: the run folder's name as a valid Hub repository name (letters, digits, ``-``,
+    ``_``, ``.``; at most 96 characters), for the card's snippet when no ``--repo_id`` is given."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(run_dir).resolve().name).strip("-.")[:96].strip("-.")
+    return f"your-username/{name or 'glip-model'}"
 
 
 def _check_run_dir(run_dir: Path) -> None:
@@ -172,7 +180,7 @@ def prepare_folder(
     record = read_run(run_dir, list(eval_files))
     _check_run_dir(run_dir)
     _output_dir(out, run_dir, overwrite)
-    repo_id = repo_id or f"your-username/{run_dir.resolve().name}"
+    repo_id = repo_id or default_repo_id(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
