@@ -58,6 +58,14 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         self._offset_key = ((grid, grid), config.mask_strategy, config.mask_sigma)
         self.masking_override: MaskingSpec | None = None  # set by `masked_inference`
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(torch.bfloat16)` / `.half()` cast every floating buffer: 1 - pdf rounded to bf16 moves by up to 0.002
+        # and changes masks. The prior stays float32 (recomputed, on the buffer's new device), as the noise is.
+        super()._apply(fn, recurse)
+        if self.mask_offset.dtype != torch.float32:
+            self.mask_offset = masking_offset(*self._offset_key, device=self.mask_offset.device)
+        return self
+
     def active_masking(self) -> MaskingSpec | None:
         """The masking this forward pass applies, or None for the full (CLIP) path."""
         spec = self.masking_override

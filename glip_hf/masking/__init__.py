@@ -74,7 +74,7 @@ def masking_offset(
         raise ValueError(f"strategy must be one of {MASK_STRATEGIES}, got {strategy!r}.")
     height, width = grid_hw(grid_size)
     if strategy == "random":
-        return torch.zeros(height * width, device=device)
+        return torch.zeros(height * width, device=device, dtype=torch.float32)
     return 1.0 - gaussian_prior((height, width), sigma, device=device).flatten()
 
 
