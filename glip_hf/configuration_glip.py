@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 
 MASK_STRATEGIES = ("gaussian", "random")
 MASKING_FIELDS = ("mask_ratio", "mask_strategy", "mask_sigma")
@@ -121,6 +121,9 @@ class GLIPConfig(CLIPConfig):
     mask_sigma = _masking_property("mask_sigma")
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, PreTrainedConfig) and not isinstance(self.vision_config, GLIPVisionConfig):
+            # A CLIPVisionConfig object (e.g. a CLIP checkpoint's): built again as a GLIPVisionConfig, as its dict is.
+            self.vision_config = self.vision_config.to_dict()
         super().__post_init__(**kwargs)
         # The towers' own `projection_dim` (what GLIPVisionModelWithProjection builds from) follows the model's.
         if self.projection_dim is not None:

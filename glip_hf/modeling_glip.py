@@ -49,6 +49,11 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
     """
 
     def __init__(self, config: GLIPVisionConfig):
+        if not all(hasattr(config, name) for name in MASKING_FIELDS):
+            raise ValueError(
+                f"a {type(config).__name__} has no masking fields; build GLIP models from a GLIPConfig "
+                "(GLIPConfig(**clip_config.to_dict()) turns a CLIP config into one) or load them with from_pretrained."
+            )
         super().__init__(config)
         grid = self.image_size // self.patch_size
         # 1 - pdf for the configured grid, on the model's device; other grids/sigmas are computed on the fly.
