@@ -79,6 +79,14 @@ class GLIPVisionConfig(CLIPVisionConfig):
                 config_dict = {**config_dict, cls.base_config_key: vision}
         return config_dict, kwargs
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not 1 <= self.patch_size <= self.image_size:  # CLIP would fail later, dividing by zero or on an empty grid
+            raise ValueError(
+                f"patch_size={self.patch_size} must be between 1 and image_size={self.image_size} (the image must "
+                "hold at least one patch to mask)."
+            )
+
     def __setattr__(self, key: str, value: Any) -> None:
         # Validate on every assignment (construction, from_dict, user code) and raise a plain ValueError naming
         # the field; strict's own validators wrap errors in a non-ValueError type.

@@ -79,3 +79,10 @@ def test_a_clip_vision_config_object_becomes_a_glip_one():
     assert GLIPModel(config).vision_model.embeddings.num_patches == 9
     with pytest.raises(ValueError, match="GLIPConfig"):
         GLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict()))
+
+
+@pytest.mark.parametrize("image_size, patch_size", [(8, 16), (30, 0)])
+def test_an_image_smaller_than_a_patch_is_an_error_naming_both_sizes(image_size, patch_size):
+    """It was a ZeroDivisionError, or `grid_size must be positive, got 0` from `GLIPModel(config)`."""
+    with pytest.raises(ValueError, match=f"patch_size={patch_size} .*image_size={image_size}"):
+        GLIPConfig(vision_config=dict(image_size=image_size, patch_size=patch_size))
