@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 
 MASK_STRATEGIES = ("gaussian", "random")
 MASKING_FIELDS = ("mask_ratio", "mask_strategy", "mask_sigma")
@@ -79,6 +79,14 @@ class GLIPVisionConfig(CLIPVisionConfig):
                 config_dict = {**config_dict, cls.base_config_key: vision}
         return config_dict, kwargs
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not 1 <= self.patch_size <= self.image_size:  # CLIP would fail later, dividing by zero or on an empty grid
+            raise ValueError(
+                f"patch_size={self.patch_size} must be between 1 and image_size={self.image_size} (the image must "
+                "hold at least one patch to mask)."
+            )
+
     def __setattr__(self, key: str, value: Any) -> None:
         # Validate on every assignment (construction, from_dict, user code) and raise a plain ValueError naming
         # the field; strict's own validators wrap errors in a non-ValueError type.
@@ -121,6 +129,9 @@ class GLIPConfig(CLIPConfig):
     mask_sigma = _masking_property("mask_sigma")
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.vision_config, PreTrainedConfig) and not isinstance(self.vision_config, GLIPVisionConfig):
+            # A CLIPVisionConfig object (e.g. a CLIP checkpoint's): built again as a GLIPVisionConfig, as its dict is.
+            self.vision_config = self.vision_config.to_dict()
         super().__post_init__(**kwargs)
         # The towers' own `projection_dim` (what GLIPVisionModelWithProjection builds from) follows the model's.
         if self.projection_dim is not None:

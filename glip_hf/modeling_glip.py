@@ -49,6 +49,11 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
     """
 
     def __init__(self, config: GLIPVisionConfig):
+        if not all(hasattr(config, name) for name in MASKING_FIELDS):
+            raise ValueError(
+                f"a {type(config).__name__} has no masking fields; build GLIP models from a GLIPConfig "
+                "(GLIPConfig(**clip_config.to_dict()) turns a CLIP config into one) or load them with from_pretrained."
+            )
         super().__init__(config)
         grid = self.image_size // self.patch_size
         # 1 - pdf for the configured grid, on the model's device; other grids/sigmas are computed on the fly.
@@ -57,6 +62,14 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         )
         self._offset_key = ((grid, grid), config.mask_strategy, config.mask_sigma)
         self.masking_override: MaskingSpec | None = None  # set by `masked_inference`
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(torch.bfloat16)` / `.half()` cast every floating buffer: 1 - pdf rounded to bf16 moves by up to 0.002
+        # and changes masks. The prior stays float32 (recomputed, on the buffer's new device), as the noise is.
+        super()._apply(fn, recurse)
+        if self.mask_offset.dtype != torch.float32:
+            self.mask_offset = masking_offset(*self._offset_key, device=self.mask_offset.device)
+        return self
 
     def active_masking(self) -> MaskingSpec | None:
         """The masking this forward pass applies, or None for the full (CLIP) path."""

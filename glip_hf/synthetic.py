@@ -14,6 +14,8 @@ import hashlib
 import json
 import math
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -182,7 +184,16 @@ def build_synthetic_dataset(
         "test": _generate_split(num_test, image_size, seed + 1_000_003, placement),
     }
     dataset = datasets.DatasetDict({k: datasets.Dataset.from_dict(v, features=features) for k, v in splits.items()})
-    tmp = path.with_name(path.name + ".tmp")
+    # Every process (each rank of `accelerate launch run_eval.py`, say) writes a folder of its own and renames it into
+    # place, which is atomic: a half-written cache is never picked up. A process that loses the race uses the copy
+    # already there (the same rows: generation is deterministic) and drops its own.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent))
     dataset.save_to_disk(str(tmp))
-    tmp.rename(path)  # atomic: a half-written cache is never picked up
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "dataset_dict.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(path))

@@ -59,3 +59,30 @@ def test_auto_config_knows_glip(tmp_path):
     GLIPConfig(mask_ratio=0.3).save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, GLIPConfig) and loaded.mask_ratio == 0.3
+
+
+def test_a_clip_vision_config_object_becomes_a_glip_one():
+    """Composing configs as transformers users do: CLIP's vision config object (from `CLIPConfig.from_pretrained`,
+    say) with GLIP's masking on top. It stayed a CLIPVisionConfig, `mask_ratio` was set on it as a stray attribute,
+    and `GLIPModel(config)` raised AttributeError: no `mask_strategy`."""
+    from transformers import CLIPConfig, CLIPVisionConfig
+
+    from glip_hf import GLIPModel
+
+    vision = CLIPVisionConfig(
+        image_size=12, patch_size=4, hidden_size=8, intermediate_size=5, num_hidden_layers=1, num_attention_heads=2
+    )
+    text = dict(hidden_size=8, intermediate_size=5, num_hidden_layers=1, num_attention_heads=2, vocab_size=9)
+    config = GLIPConfig(text_config=text, vision_config=vision, mask_ratio=0.7)
+    assert isinstance(config.vision_config, GLIPVisionConfig) and config.vision_config.image_size == 12
+    assert (config.mask_ratio, config.mask_strategy, config.mask_sigma) == (0.7, "gaussian", 0.2)
+    assert GLIPModel(config).vision_model.embeddings.num_patches == 9
+    with pytest.raises(ValueError, match="GLIPConfig"):
+        GLIPModel(CLIPConfig(text_config=text, vision_config=vision.to_dict()))
+
+
+@pytest.mark.parametrize("image_size, patch_size", [(8, 16), (30, 0)])
+def test_an_image_smaller_than_a_patch_is_an_error_naming_both_sizes(image_size, patch_size):
+    """It was a ZeroDivisionError, or `grid_size must be positive, got 0` from `GLIPModel(config)`."""
+    with pytest.raises(ValueError, match=f"patch_size={patch_size} .*image_size={image_size}"):
+        GLIPConfig(vision_config=dict(image_size=image_size, patch_size=patch_size))

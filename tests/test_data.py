@@ -142,3 +142,25 @@ def test_data_files_are_read_relative_to_data_dir_as_datasets_resolves_them(tmp_
         load_image_text_dataset(
             data_args(tmp_path, dataset_name="parquet", data_dir="data", data_files="part/b.parquet"), "train"
         )
+
+
+def test_the_built_in_dataset_survives_another_process_building_it_at_the_same_time(tmp_path, monkeypatch):
+    """Each rank of `accelerate launch run_eval.py` builds the built-in dataset when the cache lacks it. Here the other
+    process finishes while this one is about to save its copy (the real interleaving, made deterministic): this one
+    must use the cache the other wrote, not fail renaming onto it (OSError: Directory not empty) or leave a
+    temporary folder behind."""
+    from glip_hf.synthetic import build_synthetic_dataset
+
+    save = datasets.DatasetDict.save_to_disk
+    other = []
+
+    def other_process_finishes_first(self, *args, **kwargs):
+        if not other:  # the first save is this process's: the other one runs to the end before it
+            other.append(None)
+            other[0] = build_synthetic_dataset(tmp_path, num_train=4, num_test=2, image_size=8)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", other_process_finishes_first)
+    built = build_synthetic_dataset(tmp_path, num_train=4, num_test=2, image_size=8)
+    assert built["train"]["caption"] == other[0]["train"]["caption"] and len(built["test"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("synthetic-*")).name]

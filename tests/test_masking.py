@@ -144,3 +144,41 @@ def test_mask_figure_renders(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size[0] > 400
+
+
+def _mask_cli(capsys, *flags: str) -> tuple[int, str, str]:
+    from glip_hf.masking.__main__ import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--image_size", "32", "--patch_size", "8", "--num_samples", "16", *flags])  # the last value wins
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    return stopped.value.code, out, err
+
+
+def test_mask_picture_cli_says_the_file_it_wrote(tmp_path, capsys):
+    code, out, _ = _mask_cli(capsys, "--out", str(tmp_path / "masks"))  # no suffix: matplotlib writes masks.png
+    assert code == 0 and out.strip() == f"wrote {tmp_path / 'masks.png'}" and (tmp_path / "masks.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--patch_size", "0"], "patch_size"),
+        (["--patch_size", "64"], "patch_size"),
+        (["--num_samples", "0"], "num_samples"),
+        (["--mask_ratio", "1.5"], "mask_ratio"),
+        (["--sigmas", "0"], "sigma"),
+        (["--image", "no-such-image.png"], "no-such-image.png"),
+    ],
+)
+def test_mask_picture_cli_bad_values_are_one_line_errors(tmp_path, capsys, flags, field):
+    code, out, err = _mask_cli(capsys, "--out", str(tmp_path / "m.png"), *flags)
+    assert code == 2 and field in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_mask_picture_cli_refuses_a_folder_as_out(tmp_path, capsys):
+    code, _, err = _mask_cli(capsys, "--out", str(tmp_path))
+    assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1, err
+    assert not tmp_path.with_suffix(".png").exists()

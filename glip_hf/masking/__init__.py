@@ -74,7 +74,7 @@ def masking_offset(
         raise ValueError(f"strategy must be one of {MASK_STRATEGIES}, got {strategy!r}.")
     height, width = grid_hw(grid_size)
     if strategy == "random":
-        return torch.zeros(height * width, device=device)
+        return torch.zeros(height * width, device=device, dtype=torch.float32)
     return 1.0 - gaussian_prior((height, width), sigma, device=device).flatten()
 
 
@@ -176,7 +176,7 @@ def render_mask_figure(
     Args:
         image: float tensor ``(3, H, W)`` in ``[0, 1]``; H and W multiples of ``patch_size``.
     Returns:
-        The path written (PNG).
+        The path written: ``out``, with ``.png`` added when it has no suffix (its suffix picks the format).
     """
     import matplotlib
 
@@ -184,6 +184,17 @@ def render_mask_figure(
     import matplotlib.pyplot as plt
 
     _, height, width = image.shape
+    if not 1 <= patch_size <= min(height, width):
+        raise ValueError(f"patch_size must be between 1 and the image side {min(height, width)}, got {patch_size}.")
+    if num_samples < 1:
+        raise ValueError(f"num_samples (draws per keep-frequency map) must be at least 1, got {num_samples}.")
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; name the picture to write, e.g. {out / 'masks.png'}.")
+    out = out if out.suffix else out.with_suffix(".png")  # what matplotlib writes for a name without a suffix
+    for sigma in sigmas:
+        gaussian_prior(1, sigma)  # a bad sigma or mask_ratio is an error before the picture is drawn
+    num_kept_patches(1, mask_ratio)
     grid = (height // patch_size, width // patch_size)
     columns = [("random", 0.2, "random (FLIP)")] + [("gaussian", s, f"Gaussian, sigma={s}") for s in sigmas]
     generator = torch.Generator().manual_seed(seed)
@@ -204,7 +215,6 @@ def render_mask_figure(
         ax.set_yticks([])
     fig.colorbar(heat, ax=axes[1, :].tolist(), fraction=0.02, pad=0.01)
     fig.suptitle(f"Patch masking at mask_ratio={mask_ratio} (arXiv 2403.15837)")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90, bbox_inches="tight")
     plt.close(fig)
