@@ -88,13 +88,13 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
     # left out with a warning naming it, as a damaged webdataset shard is, instead of losing the whole split.
     options = {"on_bad_files": "warn"} if name == "parquet" else {}
     try:
-        loaded = datasets.load_dataset(
+        loaded = _load_split(
             name,
-            args.dataset_config_name,
+            split,
+            args.streaming,
+            name=args.dataset_config_name,
             data_dir=data_dir,
             data_files=data_files,
-            split=split,
-            streaming=args.streaming,
             cache_dir=str(Path(args.cache_dir) / "datasets"),
             features=features,
             **options,
@@ -117,6 +117,27 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
             "(metadata.jsonl / .csv) empty? Give it one row per image, or remove it."
         ) from None
     return loaded
+
+
+def _load_split(path: str, split: str, streaming: bool, **kwargs: Any) -> datasets.Dataset | datasets.IterableDataset:
+    """``datasets.load_dataset(path, split=split, streaming=streaming, **kwargs)``, except that datasets' webdataset
+    builder reads a text member that is not UTF-8 as None (`glip_hf.lenient_webdataset`): one such caption is then
+    skipped and counted, instead of failing the split or, streaming, the run."""
+    import datasets
+
+    if path != "webdataset":
+        return datasets.load_dataset(path, split=split, streaming=streaming, **kwargs)
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset
+
+    from .lenient_webdataset import LenientWebDataset
+
+    builder = datasets.load_dataset_builder(path, **kwargs)
+    if type(builder) is WebDataset:
+        builder.__class__ = LenientWebDataset  # the same builder, its text decoders aside
+    if streaming:
+        return builder.as_streaming_dataset(split=split)
+    builder.download_and_prepare()
+    return builder.as_dataset(split=split)
 
 
 # ------------------------------------------------------------------------------------------- webdataset shards

@@ -252,7 +252,8 @@ def make_messy_webdataset(root: Path, shards: int = 3, per_shard: int = 8) -> tu
 
     In the first shard (among the 5 samples datasets infers its columns from) sample 1 has no ``txt`` member,
     sample 2 a zero-byte ``jpg`` and sample 3 no ``jpg``; the second shard holds a CMYK, a grayscale and an
-    EXIF-rotated JPEG (odd but valid), a ``jpg`` that is not an image and a blank ``txt``; the last shard is cut off
+    EXIF-rotated JPEG (odd but valid), a ``jpg`` that is not an image, a blank ``txt`` and a ``txt`` in Latin-1 (not
+    UTF-8: datasets failed the split, or a stream, on it); the last shard is cut off
     in the middle of the ``jpg`` of its sample ``per_shard // 2``, so only its samples before that one survive.
 
     Returns:
@@ -261,7 +262,7 @@ def make_messy_webdataset(root: Path, shards: int = 3, per_shard: int = 8) -> tu
     root.mkdir(parents=True, exist_ok=True)
     special = {1: "no_txt", 2: "zero_jpg", 3: "no_jpg"}
     special.update({per_shard + 1: "cmyk_jpeg", per_shard + 2: "grayscale", per_shard + 3: "exif_rotated_6"})
-    special.update({per_shard + 4: "not_an_image", per_shard + 5: "blank_txt"})
+    special.update({per_shard + 4: "not_an_image", per_shard + 5: "blank_txt", per_shard + 6: "latin1_txt"})
     cut_sample = (shards - 1) * per_shard + per_shard // 2
     for shard in range(shards):
         path = root / f"{shard:05d}.tar"
@@ -273,6 +274,7 @@ def make_messy_webdataset(root: Path, shards: int = 3, per_shard: int = 8) -> tu
                 jpg = odd_image_bytes(kind, image) if kind in ODD_KINDS else encode_image(image, "JPEG")
                 jpg = {"zero_jpg": b"", "not_an_image": NOT_AN_IMAGE}.get(kind, jpg)
                 txt = b"  " if kind == "blank_txt" else captions_for(attrs, rng, 1)[0].encode()
+                txt = "a café, in Latin-1".encode("latin-1") if kind == "latin1_txt" else txt  # not UTF-8
                 if index == cut_sample:
                     cut = tar.offset + tarfile.BLOCKSIZE + len(jpg) // 2  # after its header, inside its data
                 if kind != "no_jpg":
@@ -281,7 +283,7 @@ def make_messy_webdataset(root: Path, shards: int = 3, per_shard: int = 8) -> tu
                     _add_member(tar, f"{index:06d}.txt", txt)
         if shard == shards - 1:
             path.write_bytes(path.read_bytes()[:cut])
-    expected = {"missing_caption": 2, "empty_image": 1, "missing_image": 1, "undecodable_image": 1}
+    expected = {"missing_caption": 3, "empty_image": 1, "missing_image": 1, "undecodable_image": 1}
     return root, expected, (shards - 1) * per_shard + per_shard // 2
 
 

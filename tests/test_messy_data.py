@@ -307,6 +307,7 @@ def test_shards_missing_members_or_cut_short_load_what_is_whole(tmp_path, stream
     loaded = list(prepare_for_decoding(dataset, ["jpg"]))  # undecoded: some jpg members are not images
     assert [row["__key__"] for row in loaded] == [f"{i:06d}" for i in range(rows)]
     assert loaded[1]["txt"] is None and loaded[3]["jpg"] is None  # samples 1 and 3 lack a member
+    assert loaded[14]["txt"] is None and loaded[15]["txt"]  # a Latin-1 caption: None, not a failed split or stream
     assert check_tar_shard(root / "00000.tar").intact and not check_tar_shard(root / "00002.tar").intact
 
 
