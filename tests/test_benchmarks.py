@@ -383,3 +383,32 @@ def test_op_count_counts_both_implementations(tmp_path):
     for impl in ("glip", "open_clip"):
         half, three_quarters = (r for r in rows if r["impl"] == impl)
         assert half["forward"] == three_quarters["forward"] and half["backward"] == three_quarters["backward"]
+
+
+def test_h200_script_runs_where_glip_hf_is_not_installed(tmp_path):
+    """benchmarks/h200.sh as on the GPU machine, where glip_hf is not installed and .whl/ may be absent: it used to
+    leave PYTHONPATH unset without wheels, so throughput.py stopped at `import glip_hf`. Here `python3` is this
+    interpreter without its site hooks (`-S`: the editable install of glip_hf is not seen), its packages on
+    PYTHONPATH."""
+    import site
+
+    if (ROOT / ".whl").exists():
+        pytest.skip(".whl/ exists in this checkout: the script would install it")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join(site.getsitepackages()),
+    }
+    check = subprocess.run(["python3", "-c", "import glip_hf"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert check.returncode != 0, "glip_hf imports without the repository on the path: the test shows nothing"
+    out = tmp_path / "run one"
+    flags = ["--device", "cpu", "--tiny", "--impls", "glip", "--modes", "eager", "--ratios", "0.5", "--steps", "1"]
+    command = ["bash", "benchmarks/h200.sh", str(out), *flags, "--warmup", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads((out / "throughput.json").read_text())["rows"]
+    assert [(row["impl"], row["ratio"], row["error"]) for row in rows] == [("glip", 0.5, "")]
