@@ -412,11 +412,11 @@ def _code_line(results: list[dict[str, Any]]) -> str:
     )
     stale = stale_cells(results, current)
     if not stale:
-        return line + f"; the sources beside this report (sha256 {current['sources']})."
+        return line + "; the sources beside this report when it was written."
     return line + (
-        f". {len(stale)} of {len(results)} cells were not computed by the sources beside this report (sha256 "
-        f"{current['sources']}): their figures are the other code's, and this code may give others; delete their "
-        "JSON and rerun the grid to recompute them."
+        f". {len(stale)} of {len(results)} cells were not computed by the sources beside this report when it was "
+        "written: their figures are the other code's, and this code may give others; delete their JSON and rerun the "
+        "grid to recompute them."
     )
 
 
