@@ -19,15 +19,22 @@ from accelerate import PartialState
 from glip_hf.arguments import parse_eval_args
 from glip_hf.cli import run_cli
 from glip_hf.evaluation import evaluate_model, run_suite, summary_line
+from glip_hf.launch import end_processes
 
 
 def evaluate(argv: list[str]) -> None:
     args = parse_eval_args(argv)
     if args.suite:
         run_suite(args)
-        return
-    result = evaluate_model(args)
-    if not PartialState().is_main_process:  # every process holds the same gathered result: one line, one writer
+    else:
+        write_result(args, evaluate_model(args))
+    end_processes()
+
+
+def write_result(args, result: dict) -> None:
+    """Print the summary line and write ``--output``, on the main process only (every process holds the same
+    gathered result: one line, one writer)."""
+    if not PartialState().is_main_process:
         return
     print(summary_line(result))
     if args.output:

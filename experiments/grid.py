@@ -9,11 +9,13 @@ at the end of the masked stage (its checkpoint), and unmasked inference after tu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import platform
 import shutil
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +26,10 @@ import yaml
 RUN_KEYS = ("method", "group", "budget")  # arm keys that are not run-config fields
 MASK_KEYS = ("mask_ratio", "mask_strategy", "mask_sigma")
 SCHEMA_VERSION = 1
+ROOT = Path(__file__).resolve().parent.parent
+# The sources whose behaviour makes a cell's numbers: the library and the cell runner. A cell records their hash, so
+# that a report can say whether its figures are those of the code it sits beside.
+CODE_SOURCES = ("glip_hf", "experiments/grid.py")
 
 
 @dataclass
@@ -172,6 +178,38 @@ def train_step_flops(model_args, batch_size: int) -> int:
 def same_compute_steps(reference_steps: int, reference_flops: int, arm_flops: int) -> int:
     """Masked-stage steps that spend the reference arm's counted FLOPs (rounded to the nearest step)."""
     return max(1, round(reference_steps * reference_flops / arm_flops))
+
+
+# ------------------------------------------------------------------------------------------------- code version
+
+
+def code_version(root: Path = ROOT) -> dict[str, str | None]:
+    """``{"sources": sha256 (12 hex) of the Python files of CODE_SOURCES, "commit": git HEAD (short, "+changes"
+    when those files differ from it) or None outside a git checkout}``: which code computed a cell."""
+    digest = hashlib.sha256()
+    for name in CODE_SOURCES:
+        path = root / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
+    return {"sources": digest.hexdigest()[:12], "commit": _git_commit(root)}
+
+
+def _git_commit(root: Path) -> str | None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", *CODE_SOURCES)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+changes" if changed else "")
+
+
+def stale_cells(results: list[dict[str, Any]], current: dict[str, str | None]) -> list[str]:
+    """Names of the cell ``results`` computed by other sources than ``current`` (`code_version`), or by code that
+    did not record its version."""
+    return [r["cell"] for r in results if (r.get("code") or {}).get("sources") != current["sources"]]
 
 
 # ------------------------------------------------------------------------------------------------------ one cell
@@ -327,6 +365,7 @@ def run_cell(grid: Grid, cell: Cell, run_dir: Path, result_path: Path, steps: in
         "eval": evaluation,
         "cell_seconds": round(time.perf_counter() - start, 1),
         "spec": cell_spec(grid, cell, steps),
+        "code": code_version(),
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s) per cell",
         "complete": True,

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.grid import Grid, finite
+from experiments.grid import Grid, code_version, finite, stale_cells
 
 READING = Path(__file__).resolve().parent / "reading.md"
 COLUMNS = ("masked", "unmasked", "tuned")
@@ -403,6 +403,23 @@ def _data_line(result: dict[str, Any], base: dict[str, Any]) -> str:
     )
 
 
+def _code_line(results: list[dict[str, Any]]) -> str:
+    """Which code computed the cells, and whether it is the code beside the report (`code_version`)."""
+    current = code_version()
+    commits = Counter((r.get("code") or {}).get("commit") for r in results)
+    line = "Code that computed the cells: " + ", ".join(
+        f"{f'commit {c}' if c else 'not recorded'} ({n} cells)" for c, n in sorted(commits.items(), key=str)
+    )
+    stale = stale_cells(results, current)
+    if not stale:
+        return line + "; the sources beside this report when it was written."
+    return line + (
+        f". {len(stale)} of {len(results)} cells were not computed by the sources beside this report when it was "
+        "written: their figures are the other code's, and this code may give others; delete their JSON and rerun the "
+        "grid to recompute them."
+    )
+
+
 def render(arms: dict[str, Arm], grid: Grid, results: list[dict], figures: dict[str, str], quick: bool) -> str:
     by_group = defaultdict(list)
     for arm in arms.values():
@@ -417,6 +434,7 @@ def render(arms: dict[str, Arm], grid: Grid, results: list[dict], figures: dict[
         "(one file per cell, committed); do not edit by hand, rerun `python experiments/reproduce.py --report_only`.",
         f"Machine: {'; '.join(machines)} (cells ran side by side on a machine shared with other jobs: times are "
         "indicative, counted FLOPs are exact).",
+        _code_line(results),
         "",
         "## Setup",
         "",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import multiprocessing
 import sys
 import time
@@ -32,10 +33,12 @@ from experiments.grid import (  # noqa: E402
     cell_spec,
     cell_worker,
     check_eval_data,
+    code_version,
     is_finished,
     load_grid,
     parse_cell,
     same_compute_steps,
+    stale_cells,
     train_step_flops,
 )
 
@@ -149,6 +152,7 @@ def run_grid(grid: Grid, cells: list[Cell], cells_dir: Path, runs: Path, jobs: i
     steps, flops = plan_steps(grid, cells, runs)
     todo = [c for c in cells if not is_finished(cells_dir / f"{c.name}.json", cell_spec(grid, c, steps[c.arm]))]
     print(f"{len(cells) - len(todo)} of {len(cells)} cells already finished; running {len(todo)}.", flush=True)
+    _warn_stale(cells_dir, [c for c in cells if c not in todo])
     for arm, count in steps.items():
         if count is not None:
             print(f"  {arm}: {count} masked-stage steps for the counted FLOPs of {grid.reference}", flush=True)
@@ -167,6 +171,20 @@ def run_grid(grid: Grid, cells: list[Cell], cells_dir: Path, runs: Path, jobs: i
         for future in concurrent.futures.as_completed(futures):
             _report_done(futures[future], future.exception(), failed)
     return failed
+
+
+def _warn_stale(cells_dir: Path, finished: list[Cell]) -> None:
+    """Say which finished cells were computed by other code: they are kept (their settings are unchanged), but their
+    figures are that code's."""
+    results = [json.loads((cells_dir / f"{c.name}.json").read_text()) for c in finished]
+    stale = stale_cells(results, code_version())
+    if stale:
+        print(
+            f"Warning: {len(stale)} finished cell(s) were computed by other code than this checkout's "
+            f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): kept, but their figures are that code's; "
+            f"delete their JSON in {cells_dir} to recompute them.",
+            flush=True,
+        )
 
 
 def _run_one(args: tuple, failed: list[str]) -> None:

@@ -831,6 +831,19 @@ def with_stream_index(row: dict, index: int) -> dict:
     return {"__index__": index if worker is None else index * worker.num_workers + worker.id}
 
 
+def uneven_stream_split(num_shards: int, num_processes: int) -> str | None:
+    """The warning for a stream whose ``num_shards`` (its files) do not divide over ``num_processes``: datasets'
+    ``split_dataset_by_node`` then has every process read every file and keep one row in ``num_processes`` (and
+    says so only at INFO level). None when each process reads files of its own."""
+    if num_processes == 1 or num_shards % num_processes == 0:
+        return None
+    return (
+        f"--streaming: the training data has {num_shards} file(s) (shards), not a multiple of the {num_processes} "
+        f"processes, so every process reads all of them and keeps one row in {num_processes} ({num_processes} times "
+        f"the reading); split it into a multiple of {num_processes} files for each process to read its own."
+    )
+
+
 def make_train_dataloader(
     train_data, collator: ImageTextCollator, data_args: DataArguments, training_args: TrainingArguments, accelerator
 ) -> torch.utils.data.DataLoader:
@@ -864,6 +877,9 @@ def make_train_dataloader(
         return torch.utils.data.DataLoader(IndexedDataset(train_data), shuffle=True, **loader_kwargs)
     from datasets.distributed import split_dataset_by_node
 
+    uneven = uneven_stream_split(train_data.num_shards, accelerator.num_processes)
+    if uneven and accelerator.is_main_process:
+        warnings.warn(uneven, stacklevel=2)
     stream = train_data.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
     stream = split_dataset_by_node(stream, accelerator.process_index, accelerator.num_processes)
     # Streamed rows are indexed per process, so the rank joins the seed of their augmentation.

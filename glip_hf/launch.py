@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
 from .sharding import uses_fsdp
 
@@ -34,6 +34,17 @@ def check_launch(accelerator: Accelerator) -> None:
             "models only on GPUs (or other accelerators); on CPUs launch plain data parallel "
             "(accelerate launch --multi_gpu --num_processes N ... --cpu true)."
         )
+
+
+def end_processes() -> None:
+    """Every process together: destroy the process group before the interpreter exits (what
+    ``Accelerator.end_training`` does for training). A gloo group left to the interpreter's teardown aborted a process
+    of ``accelerate launch --num_processes 2 run_eval.py --cpu true`` now and then ("terminate called without an
+    active exception", exit status 1, after the results were written)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        state = PartialState()
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 def check_mixed_precision(accelerator: Accelerator) -> None:

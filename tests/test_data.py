@@ -15,6 +15,7 @@ from glip_hf.data import (
     load_image_text_dataset,
     prepare_for_decoding,
     random_resized_crop,
+    uneven_stream_split,
 )
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
@@ -62,6 +63,22 @@ def test_streaming_split_by_node_reads_disjoint_rows(tmp_path):
     assert isinstance(stream, datasets.IterableDataset)
     seen = [[row["caption"] for row in split_dataset_by_node(stream, rank, 2)] for rank in (0, 1)]
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 10
+
+
+@pytest.mark.parametrize("shards, reads", [(4, 2), (3, 3)])
+def test_a_stream_whose_files_do_not_divide_over_the_processes_is_read_whole_by_each_and_said(tmp_path, shards, reads):
+    """datasets gives each process files of its own only when their number divides over the processes; otherwise
+    every process reads every file (and datasets says so at INFO level only): the run warns."""
+    root = make_webdataset(tmp_path / "shards", shards=shards, per_shard=2)
+    args = data_args(tmp_path, dataset_name="webdataset", data_files=str(root / "*.tar"), streaming=True)
+    stream = load_image_text_dataset(args, "train")
+    assert stream.num_shards == shards
+    assert split_dataset_by_node(stream, 0, 2).num_shards == reads  # files process 0 reads
+    assert uneven_stream_split(shards, 1) is None
+    warning = uneven_stream_split(shards, 2)
+    assert (warning is None) == (reads < shards)
+    if warning:
+        assert "3 file(s)" in warning and "every process reads all of them" in warning
 
 
 def test_saved_dataset_and_wrong_column_error_lists_columns(tmp_path):

@@ -20,7 +20,14 @@ def _load_reproduce():
 
 
 reproduce = _load_reproduce()
-from experiments.grid import cell_spec, is_finished, load_grid, same_compute_steps, train_step_flops  # noqa: E402
+from experiments.grid import (  # noqa: E402
+    cell_spec,
+    code_version,
+    is_finished,
+    load_grid,
+    same_compute_steps,
+    train_step_flops,
+)
 
 
 def _quick(tmp_path, *extra: str) -> list[str]:
@@ -67,11 +74,23 @@ def test_quick_grid_writes_cells_and_report_and_skips_finished_cells(tmp_path, c
         assert (tmp_path / "reproduction" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"reproduction/{figure}.png" in report
 
+    # Each cell records the code that computed it, and the report says whether that is the code beside it.
+    assert {result["code"]["sources"] for result in results.values()} == {code_version()["sources"]}
+    assert "Code that computed the cells: commit " in report and "were not computed by" not in report
+
+    # A cell computed by other code (here: one that recorded none) is kept, and said to be stale, by the run and in
+    # the report: its figures need not be this code's.
+    stale = cells / "flip-75-seed0.json"
+    stale.write_text(json.dumps({**results["flip-75-seed0"], "code": {"sources": "0" * 12, "commit": "abc1234"}}))
     before = {path.name: path.read_bytes() for path in cells.glob("*.json")}
     capsys.readouterr()
     assert reproduce.main(_quick(tmp_path)) == 0
-    assert "2 of 2 cells already finished; running 0." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 of 2 cells already finished; running 0." in printed
+    assert "Warning: 1 finished cell(s) were computed by other code than this checkout's (flip-75-seed0)" in printed
     assert {path.name: path.read_bytes() for path in cells.glob("*.json")} == before
+    report = (tmp_path / "reproduction.md").read_text()
+    assert "commit abc1234 (1 cells)" in report and "1 of 2 cells were not computed by the sources beside" in report
 
     # A cell whose settings changed is not finished any more.
     grid = load_grid(reproduce.DEFAULT_GRID, quick=True)

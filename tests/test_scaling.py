@@ -172,3 +172,20 @@ def test_a_checkpoint_resumes_only_under_the_sharding_it_was_written_with(tmp_pa
         check_resume(sharded, {}, 2, fsdp=False)
     with pytest.raises(ValueError, match=r"whole was written without FSDP and this run is launched with it"):
         check_resume(whole, {}, 2, fsdp=True)
+
+
+def test_end_processes_destroys_the_process_group():
+    """run_eval.py ends with `end_processes` (training with ``end_training``): a gloo group left to the interpreter's
+    teardown aborted a process of a two-process ``accelerate launch run_eval.py`` now and then (exit status 1)."""
+    import torch.distributed as dist
+
+    from glip_hf.launch import end_processes
+
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29546", rank=0, world_size=1)
+    try:
+        end_processes()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
