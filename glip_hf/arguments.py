@@ -309,7 +309,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys written after it override, by design
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # PyYAML's own one-line 'found unhashable key' follows
+                break
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} written twice (the later would win silently)", key_node.start_mark

@@ -120,24 +120,30 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
 
 
 def _load_split(path: str, split: str, streaming: bool, **kwargs: Any) -> datasets.Dataset | datasets.IterableDataset:
-    """``datasets.load_dataset(path, split=split, streaming=streaming, **kwargs)``, except that datasets' webdataset
-    builder reads a text member that is not UTF-8 as None (`glip_hf.lenient_webdataset`): one such caption is then
-    skipped and counted, instead of failing the split or, streaming, the run."""
+    """``datasets.load_dataset(path, split=split, streaming=streaming, **kwargs)`` (its steps, in its order), except
+    that datasets' webdataset builder reads a text member that is not UTF-8 as None (`glip_hf.lenient_webdataset`):
+    one such caption is then skipped and counted, instead of failing the split or, streaming, the run. That is
+    ``path="webdataset"`` and also a folder or Hub repository of ``.tar`` shards, which datasets reads with the same
+    builder."""
     import datasets
-
-    if path != "webdataset":
-        return datasets.load_dataset(path, split=split, streaming=streaming, **kwargs)
+    from datasets.load import configure_builder_class
     from datasets.packaged_modules.webdataset.webdataset import WebDataset
+    from datasets.utils.info_utils import is_small_dataset
 
     from .lenient_webdataset import LenientWebDataset
 
     builder = datasets.load_dataset_builder(path, **kwargs)
-    if type(builder) is WebDataset:
+    kind = type(builder)
+    if kind is WebDataset:
         builder.__class__ = LenientWebDataset  # the same builder, its text decoders aside
+    elif kind.__mro__[1] is WebDataset and "BUILDER_CONFIGS" in vars(kind):  # datasets' configured copy of it
+        builder.__class__ = configure_builder_class(  # the same copy of ours (it pickles by its parent class)
+            LenientWebDataset, kind.BUILDER_CONFIGS, kind.DEFAULT_CONFIG_NAME, builder.dataset_name
+        )
     if streaming:
         return builder.as_streaming_dataset(split=split)
     builder.download_and_prepare()
-    return builder.as_dataset(split=split)
+    return builder.as_dataset(split=split, in_memory=is_small_dataset(builder.info.dataset_size))
 
 
 # ------------------------------------------------------------------------------------------- webdataset shards

@@ -292,3 +292,16 @@ def test_data_files_or_dir_without_a_dataset_name_is_an_error_not_the_built_in_d
 
     with pytest.raises(ValueError, match=f"{flag} .* needs --dataset_name"):
         parse_run_args([*TINY_RUN, flag, str(tmp_path)])
+
+
+def test_yaml_merge_keys_load_and_an_unhashable_key_is_one_line(tmp_path):
+    from glip_hf.arguments import read_yaml
+
+    path = tmp_path / "suite.yaml"
+    # An anchor merged with `<<` and one key overridden after it is standard YAML (PyYAML's safe_load reads it), not a
+    # key written twice; the duplicate-key check refused it as 'no constructor for the tag merge'.
+    path.write_text("entries:\n  - &base {task: retrieval, split: train}\n  - <<: *base\n    split: test\n")
+    assert read_yaml(path)["entries"][1] == {"task": "retrieval", "split": "test"}
+    path.write_text("? [1, 2]\n: 3\n")  # PyYAML's one-line 'found unhashable key', not a TypeError traceback
+    with pytest.raises(ValueError, match=r"suite\.yaml: found unhashable key at line 1"):
+        read_yaml(path)

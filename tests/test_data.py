@@ -181,3 +181,23 @@ def test_the_built_in_dataset_survives_another_process_building_it_at_the_same_t
     built = build_synthetic_dataset(tmp_path, num_train=4, num_test=2, image_size=8)
     assert built["train"]["caption"] == other[0]["train"]["caption"] and len(built["test"]) == 2
     assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("synthetic-*")).name]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_folder_of_shards_named_as_the_dataset_reads_a_latin1_caption_as_none(tmp_path, streaming):
+    """`--dataset_name <folder of train-*.tar>` (or a Hub repository of shards) is a webdataset that datasets finds by
+    itself: its captions decode as `--dataset_name webdataset`'s do, a Latin-1 one as None (skipped and counted),
+    not a lost split or a UnicodeDecodeError partway through a stream."""
+    import io
+    import tarfile
+
+    root = make_webdataset(tmp_path / "shards", shards=1, per_shard=3)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with tarfile.open(root / "00000.tar") as src, tarfile.open(folder / "train-00000.tar", "w") as dst:
+        for member in src.getmembers():
+            payload = "café".encode("latin-1") if member.name == "000002.txt" else src.extractfile(member).read()
+            member.size = len(payload)
+            dst.addfile(member, io.BytesIO(payload))
+    loaded = load_image_text_dataset(data_args(tmp_path, dataset_name=str(folder), streaming=streaming), "train")
+    assert [row["txt"] is None for row in prepare_for_decoding(loaded, ["jpg"])] == [False, False, True]

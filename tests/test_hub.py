@@ -496,8 +496,18 @@ def test_remote_code_headers_hash_all_generated_modules(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "folder, repo_id",
-    [("run one", "run-one"), ("glip_b16.v2", "glip_b16.v2"), ("ėxpériènce 1", "xp-ri-nce-1"), ("...", "glip-model")],
+    [
+        ("run one", "run-one"),
+        ("glip_b16.v2", "glip_b16.v2"),
+        ("ėxpériènce 1", "xp-ri-nce-1"),
+        ("...", "glip-model"),
+        ("glip--75", "glip-75"),  # the Hub refuses '--' and '..' in a name
+        ("v1..2 - a", "v1.2-a"),
+    ],
 )
 def test_the_default_repo_id_is_a_valid_hub_name(folder, repo_id, tmp_path):
+    from huggingface_hub.utils import validate_repo_id
+
     # a run folder named "run one" put "your-username/run one" in the card's snippet and model-index
     assert default_repo_id(tmp_path / folder) == f"your-username/{repo_id}"
+    validate_repo_id(default_repo_id(tmp_path / folder))  # huggingface_hub's own check of a repo id

@@ -55,8 +55,10 @@ TOKEN_HELP = "run `hf auth login` (or `huggingface-cli login`) with a token that
 
 def default_repo_id(run_dir: str | Path) -> str:
     """``your-username/<name>``: the run folder's name as a valid Hub repository name (letters, digits, ``-``,
-    ``_``, ``.``; at most 96 characters), for the card's snippet when no ``--repo_id`` is given."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(run_dir).resolve().name).strip("-.")[:96].strip("-.")
+    ``_``, ``.``, no ``--`` or ``..``; at most 96 characters),
+    for the card's snippet when no ``--repo_id`` is given."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(run_dir).resolve().name)
+    name = re.sub(r"([-.])\1+", r"\1", name).strip("-.")[:96].strip("-.")
     return f"your-username/{name or 'glip-model'}"
 
 
