@@ -7,7 +7,6 @@ schedule, ``prepare``, resume, the loop (masked stage, then optional unmasked tu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import shutil
@@ -149,11 +148,11 @@ def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
     return GLIPModel(config)
 
 
-def _tokenizer_staging(data_args: DataArguments, training_args: TrainingArguments) -> Path:
-    """Where the main process leaves the run's tokenizer for the others, in the cache (every node sees it), not in
-    the output directory: a start that fails a later check then leaves an earlier run's tokenizer in place."""
-    run = hashlib.sha256(str(Path(training_args.output_dir).resolve()).encode()).hexdigest()[:16]
-    return Path(data_args.cache_dir) / "run-tokenizers" / run
+def _tokenizer_staging(training_args: TrainingArguments) -> Path:
+    """Where the main process leaves the run's tokenizer for the others: a hidden folder of the output directory
+    (which every node sees), not the directory itself, so that a start failing a later check leaves an earlier
+    run's tokenizer in place; removed once every process has read it."""
+    return Path(training_args.output_dir) / ".tokenizer-staging"
 
 
 def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint: Path | None):
@@ -161,7 +160,7 @@ def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_
     processes load that copy, and a resumed run the checkpoint's (an offline-trained BPE is not bit-reproducible)."""
     from transformers import AutoTokenizer
 
-    staging = _tokenizer_staging(data_args, training_args)
+    staging = _tokenizer_staging(training_args)
     if checkpoint is not None and (checkpoint / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=model_args.trust_remote_code)
     with accelerator.main_process_first():
@@ -175,12 +174,21 @@ def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_
             must_load=model_args.tokenizer_name is not None,
             trust_remote_code=model_args.trust_remote_code,
         )
+        shutil.rmtree(staging, ignore_errors=True)  # a failed start's copy: none of its files may be read
         tokenizer.save_pretrained(staging)
         return tokenizer
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
     """Run pre-training as configured; returns where the model went and what it measured."""
+    try:
+        return _train(model_args, data_args, training_args)
+    except BaseException:
+        shutil.rmtree(_tokenizer_staging(training_args), ignore_errors=True)  # a failed start leaves nothing behind
+        raise
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
     output_dir = Path(training_args.output_dir)
     trackers = resolve_report_to(training_args.report_to)
     accelerator = Accelerator(
@@ -261,7 +269,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             print(f"--overwrite_output_dir: replacing the earlier run in {output_dir} ({', '.join(plan.replaced)}).")
         (output_dir / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         tokenizer.save_pretrained(output_dir)
-        shutil.rmtree(_tokenizer_staging(data_args, training_args), ignore_errors=True)  # every process has read it
+        shutil.rmtree(_tokenizer_staging(training_args), ignore_errors=True)  # every process has read it
     accelerator.wait_for_everyone()
 
     progress = TrainingProgress(main_steps=main_steps)
