@@ -64,10 +64,12 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         self.masking_override: MaskingSpec | None = None  # set by `masked_inference`
 
     def _apply(self, fn, recurse: bool = True):
-        # `.to(torch.bfloat16)` / `.half()` cast every floating buffer: 1 - pdf rounded to bf16 moves by up to 0.002
-        # and changes masks. The prior stays float32 (recomputed, on the buffer's new device), as the noise is.
+        # The prior is a function of the config: recompute it, float32 on the buffer's new device, after every move
+        # or cast. `.to(torch.bfloat16)` / `.half()` cast every floating buffer (1 - pdf rounded to bf16 moves by up
+        # to 0.002 and changes masks; the noise is float32 too), and `to_empty` (meta-device init, FSDP's
+        # materialisation) leaves a non-persistent buffer as uninitialised memory, which no checkpoint refills.
         super()._apply(fn, recurse)
-        if self.mask_offset.dtype != torch.float32:
+        if self.mask_offset.device.type != "meta":
             self.mask_offset = masking_offset(*self._offset_key, device=self.mask_offset.device)
         return self
 

@@ -376,6 +376,23 @@ def test_vision_projection_follows_the_top_level_projection_dim(model, inputs, t
     torch.testing.assert_close(embeds, _image_features(model, pixels), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("recurse", [True, False])
+def test_a_model_built_on_the_meta_device_gets_its_prior_back_from_to_empty(config, recurse):
+    """Meta-device init (FSDP's materialisation, ``init_empty_weights``) ends in ``to_empty``, which leaves every
+    buffer as uninitialised memory; the prior is no checkpoint tensor, so nothing refilled it and masks were drawn
+    from garbage. FSDP1 materialises module by module (``recurse=False``), a plain ``model.to_empty`` all at once."""
+    with torch.device("meta"):
+        model = GLIPModel(config)
+    if recurse:
+        model.to_empty(device="cpu")
+    else:
+        for module in model.modules():
+            module.to_empty(device="cpu", recurse=False)
+    offset = model.vision_model.embeddings.mask_offset
+    assert offset.device.type == "cpu" and offset.dtype == torch.float32
+    assert torch.equal(offset, masking_offset(15, "gaussian", 0.2))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_model_cast_to_half_precision_keeps_the_prior_exact(config, dtype):
     """``model.to(torch.bfloat16)`` casts every floating buffer; rounded to bf16, ``1 - pdf`` moved by up to 0.002
