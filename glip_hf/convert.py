@@ -23,7 +23,12 @@ token, a biased text projection, a SigLIP ``logit_bias``, timm/HF/ResNet towers,
     model = open_clip.create_model("glip-vit-b-16", pretrained="glip-vit-b-16.pt")
 
 open_clip feeds the text tower exactly ``context_length`` tokens (its tokenizer pads to it); transformers accepts
-shorter sequences. The masking fields have no open_clip counterpart and are not written.
+shorter sequences.
+
+Masking: open_clip's ``patch_dropout`` is FLIP's random masking. A model config with ``patch_dropout: p`` converts
+to ``mask_ratio=p, mask_strategy="random"`` unless ``--mask_ratio`` / ``--mask_strategy`` say otherwise (without a
+model config, or with ``patch_dropout`` 0, the masking is GLIPConfig's default, Gaussian 50%); ``to-open-clip``
+writes random masking as ``patch_dropout``. Gaussian masking has no open_clip counterpart and is not written.
 """
 
 from __future__ import annotations
@@ -461,9 +466,33 @@ def _text_pooling(eos_token_id: int | None) -> dict[str, Any]:
     return {"pool_type": "eos", "eos_id": eos_token_id}
 
 
+def patch_dropout(vision_cfg: dict[str, Any], where: str = "open_clip config") -> float:
+    """``vision_cfg.patch_dropout`` (0.0 when absent or null), checked: a number in [0, 1), as open_clip requires."""
+    dropout = vision_cfg.get("patch_dropout")
+    dropout = 0.0 if dropout is None else dropout
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(
+            f"{where}: vision_cfg.patch_dropout={dropout!r}; expected a number with 0 <= patch_dropout < 1 "
+            "(the fraction of patches open_clip drops in training)."
+        )
+    return float(dropout)
+
+
+def source_masking(vision_cfg: dict[str, Any], **masking: Any) -> dict[str, Any]:
+    """The masking fields given in ``masking`` (``None``: not given), the rest from the open_clip model's own
+    training masking: ``vision_cfg.patch_dropout`` p > 0 is FLIP's, ``mask_ratio=p`` with ``mask_strategy="random"``
+    (open_clip's PatchDropout keeps ``max(1, int(N * (1 - p)))`` uniformly drawn patches, as random masking here
+    does). Fields neither gives are left out (GLIPConfig's defaults)."""
+    given = {key: value for key, value in masking.items() if value is not None}
+    dropout = patch_dropout(vision_cfg)
+    if dropout > 0:
+        return {"mask_ratio": float(dropout), "mask_strategy": "random", **given}
+    return given
+
+
 def open_clip_to_hf_config(config: dict[str, Any], **masking: Any) -> GLIPConfig:
     """The `GLIPConfig` of an open_clip ViT CLIP model config; ``masking`` sets mask_ratio / mask_strategy /
-    mask_sigma (default: GLIPConfig's)."""
+    mask_sigma (default: the config's ``patch_dropout`` as random masking, see `source_masking`, then GLIPConfig's)."""
     vision, text = config["vision_cfg"], config["text_cfg"]
     act = ACTIVATIONS[bool(config.get("quick_gelu", False))]
     eps = (vision.get("norm_kwargs") or {}).get("eps", OPEN_CLIP_LN_EPS)
@@ -483,7 +512,7 @@ def open_clip_to_hf_config(config: dict[str, Any], **masking: Any) -> GLIPConfig
         patch_size=vision["patch_size"],
         hidden_act=act,
         layer_norm_eps=eps,
-        **{key: value for key, value in masking.items() if value is not None},
+        **source_masking(vision, **masking),
     )
     text_config = dict(
         vocab_size=text["vocab_size"],
@@ -504,7 +533,8 @@ def open_clip_to_hf_config(config: dict[str, Any], **masking: Any) -> GLIPConfig
 
 
 def hf_to_open_clip_config(config) -> dict[str, Any]:
-    """The open_clip model config of a GLIP / CLIP config (a `GLIPConfig` or `CLIPConfig`)."""
+    """The open_clip model config of a GLIP / CLIP config (a `GLIPConfig` or `CLIPConfig`). Random (FLIP) masking
+    becomes ``vision_cfg.patch_dropout``; Gaussian masking has no open_clip equivalent and is not written."""
     vision, text = config.vision_config, config.text_config
     if vision.hidden_act != text.hidden_act or vision.hidden_act not in ACTIVATIONS.values():
         raise ValueError(
@@ -538,6 +568,8 @@ def hf_to_open_clip_config(config) -> dict[str, Any]:
     }
     if vision.layer_norm_eps != OPEN_CLIP_LN_EPS:
         vision_cfg["norm_kwargs"] = text_cfg["norm_kwargs"] = {"eps": vision.layer_norm_eps}
+    if getattr(vision, "mask_strategy", None) == "random" and vision.mask_ratio > 0:
+        vision_cfg["patch_dropout"] = vision.mask_ratio  # FLIP's masking is open_clip's PatchDropout
     quick_gelu = vision.hidden_act == "quick_gelu"
     embed_dim = config.projection_dim
     return {"embed_dim": embed_dim, "quick_gelu": quick_gelu, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
@@ -583,6 +615,8 @@ def resolve_open_clip_config(
     if given:
         _check_against_config(resolved, given, path)
         resolved["text_cfg"]["pad_id"] = given["text_cfg"].get("pad_id", 0)
+        if patch_dropout(given["vision_cfg"], str(open_clip_config)):  # its training masking (FLIP's), not in weights
+            resolved["vision_cfg"]["patch_dropout"] = given["vision_cfg"]["patch_dropout"]
     _check_key_set(state_dict, resolved, path)
     return resolved
 
@@ -717,7 +751,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--processor", help="a transformers processor (path or name) to save alongside")
     source.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     for name, kind in (("mask_ratio", float), ("mask_strategy", str), ("mask_sigma", float)):
-        source.add_argument(f"--{name}", type=kind, help="GLIP masking (default: GLIPConfig's)")
+        source.add_argument(
+            f"--{name}",
+            type=kind,
+            help="GLIP masking (default: the config's patch_dropout as random, else GLIPConfig's)",
+        )
     target = commands.add_parser("to-open-clip", help="GLIP / CLIP directory -> open_clip state dict + config JSON")
     target.add_argument("model_dir")
     target.add_argument("--out", required=True, help="CKPT.pt (or .safetensors)")
@@ -750,9 +788,16 @@ def main(argv: list[str]) -> None:
         _refuse_overwrite(out, args.overwrite, is_dir=False)
         checkpoint, config = to_open_clip(args.model_dir, out, args.config_out)
         tokenizer = json.loads(config.read_text())["text_cfg"].get("hf_tokenizer_name")
+        vision = json.loads((Path(args.model_dir) / "config.json").read_text()).get("vision_config", {})
+        dropped = vision.get("mask_strategy") == "gaussian" and vision.get("mask_ratio", 0) > 0
         print(
             f"wrote {checkpoint} and {config}"
             + (f" and the model's tokenizer to {tokenizer}" if tokenizer else "")
+            + (
+                f" (its Gaussian masking, ratio {vision['mask_ratio']}, has no open_clip equivalent and is not in the "
+                "config: open_clip trains it unmasked unless you set vision_cfg.patch_dropout, uniform masking)"
+            )
+            * dropped
             + f"; in open_clip: add_model_config({str(config)!r}); create_model({config.stem!r}, "
             f"pretrained={str(checkpoint)!r})" + (f"; get_tokenizer({config.stem!r})" if tokenizer else "")
         )
@@ -761,7 +806,8 @@ def main(argv: list[str]) -> None:
 def _summary(config, flavour: str, out: str) -> str:
     vision, text = config.vision_config, config.text_config
     pooling = "argmax(token ids)" if text.eos_token_id == ARGMAX_EOS_TOKEN_ID else f"first token {text.eos_token_id}"
-    masking = f", {config.mask_strategy} masking {config.mask_ratio} sigma {config.mask_sigma}" * (flavour == "glip")
+    masking = f", {config.mask_strategy} masking {config.mask_ratio}" * (flavour == "glip")
+    masking += f" sigma {config.mask_sigma}" * (flavour == "glip" and config.mask_strategy == "gaussian")
     return (
         f"wrote {flavour} model to {out}: ViT {vision.num_hidden_layers}x{vision.hidden_size} "
         f"patch {vision.patch_size} image {vision.image_size}, text {text.num_hidden_layers}x{text.hidden_size} "

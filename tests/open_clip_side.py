@@ -19,7 +19,8 @@ JOB.json: ``{"out": DIR, "build": [...], "load": [...]}``
   JSON, ``load_state_dict(strict=True)`` of the checkpoint, then ``NAME.embeddings.safetensors`` (with ``texts``,
   also ``tokenized_ids`` from ``open_clip.get_tokenizer`` and their ``tokenized`` text embeddings).
 
-Embeddings are ``encode_image`` / ``encode_text`` in eval mode, fp32, not normalised.
+Embeddings are ``encode_image`` / ``encode_text`` in eval mode, fp32, not normalised; every embeddings file also
+holds ``tokens_in_training``, the image tokens left after open_clip's patch dropout (FLIP's masking) in training.
 """
 
 import json
@@ -39,6 +40,19 @@ def embeddings(model: torch.nn.Module, inputs_path: str) -> dict[str, torch.Tens
             "image_embeds": model.encode_image(inputs["pixel_values"]).contiguous(),
             "text_embeds": model.encode_text(inputs["input_ids"]).contiguous(),
         }
+
+
+def tokens_in_training(model: torch.nn.Module) -> torch.Tensor:
+    """``(1,)``: the image tokens (CLS included) after open_clip's patch dropout in training mode, i.e. what the
+    image transformer sees: ``1 + max(1, int(N * (1 - patch_dropout)))``, or ``1 + N`` without patch dropout."""
+    seen = []
+    hook = model.visual.patch_dropout.register_forward_hook(lambda module, args, output: seen.append(output.shape[1]))
+    model.visual.train()
+    with torch.no_grad():
+        model.visual(torch.zeros(1, 3, *model.visual.image_size))
+    hook.remove()
+    model.eval()
+    return torch.tensor([seen[0]])
 
 
 def build(job: dict, out: Path) -> None:
@@ -71,7 +85,8 @@ def build(job: dict, out: Path) -> None:
     torch.save(checkpoint, out / f"{name}.train.pt")
     (out / f"{name}.json").write_text(json.dumps(job["model_cfg"], indent=2))
     if job.get("inputs"):
-        save_file(embeddings(model, job["inputs"]), out / f"{name}.embeddings.safetensors")
+        outputs = {**embeddings(model, job["inputs"]), "tokens_in_training": tokens_in_training(model)}
+        save_file(outputs, out / f"{name}.embeddings.safetensors")
 
 
 def load(job: dict, out: Path) -> None:
@@ -88,7 +103,7 @@ def load(job: dict, out: Path) -> None:
     documented = open_clip.create_model(config.stem, pretrained=checkpoint)
     for key, value in documented.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
-    outputs = embeddings(model, job["inputs"])
+    outputs = {**embeddings(model, job["inputs"]), "tokens_in_training": tokens_in_training(model)}
     if job.get("texts"):  # tokenized as a user does: the tokenizer named by the model config
         outputs["tokenized_ids"] = open_clip.get_tokenizer(config.stem)(job["texts"])
         with torch.no_grad():

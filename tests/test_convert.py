@@ -73,6 +73,11 @@ OPEN_CLIP_MODELS = {
         },
     },
 }
+# A FLIP model: open_clip's patch dropout is the training masking, in the model config only (not in the weights).
+FLIP_MODEL = {
+    **OPEN_CLIP_MODELS["gelu"],
+    "vision_cfg": {**OPEN_CLIP_MODELS["gelu"]["vision_cfg"], "patch_dropout": 0.3},
+}
 NOT_IN_THE_WEIGHTS = {  # the flags that say what OPEN_CLIP_MODELS' state dicts do not
     "gelu": ["--vision_heads", "4", "--text_heads", "5"],
     "quickgelu_eos": [
@@ -111,6 +116,23 @@ def hf_config(**overrides) -> GLIPConfig:
     return GLIPConfig(
         text_config={**text, **overrides}, vision_config={**vision, **overrides}, projection_dim=16, mask_ratio=0.25
     )
+
+
+def flip_config() -> GLIPConfig:
+    """`hf_config` with FLIP's masking (uniform) at 0.6: open_clip's ``patch_dropout`` 0.6."""
+    config = hf_config()
+    config.mask_strategy, config.mask_ratio = "random", 0.6
+    return config
+
+
+def glip_tokens_in_training(model: GLIPModel) -> int:
+    """The image tokens (CLS included) the vision encoder sees in training: ``1 + max(1, int(N * (1 - ratio)))``."""
+    size = model.config.vision_config.image_size
+    embeddings = model.vision_model.embeddings.train()
+    with torch.no_grad():
+        tokens = embeddings(torch.zeros(1, 3, size, size)).shape[1]
+    embeddings.eval()
+    return tokens
 
 
 def random_glip(config: GLIPConfig, seed: int = 0) -> GLIPModel:
@@ -270,10 +292,12 @@ def open_clip_file(glip_dir, tmp_path):
         ({"vision_cfg": {"image_size": [16, 24]}}, "vision_cfg.image_size=[16, 24]: only a positive int"),
         ({"vision_cfg": {"patch_size": [4, 2]}}, "vision_cfg.patch_size=[4, 2]: only a positive int"),
         ({"vision_cfg": {"image_size": "16"}}, "vision_cfg.image_size='16': only a positive int"),
+        ({"vision_cfg": {"patch_dropout": 1.0}}, "bad.json: vision_cfg.patch_dropout=1.0; expected a number"),
+        ({"vision_cfg": {"patch_dropout": "0.5"}}, "bad.json: vision_cfg.patch_dropout='0.5'; expected a number"),
     ],
     ids=[
         *("avg_pool", "no_ln_pre", "no_causal_mask", "last_pool", "hf_text", "timm_image", "unknown", "size_mismatch"),
-        *("non_square_image", "non_square_patch", "string_image_size"),
+        *("non_square_image", "non_square_patch", "string_image_size", "patch_dropout_one", "patch_dropout_string"),
     ],
 )
 def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
@@ -285,6 +309,46 @@ def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
     )
     assert expected in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "dropout, flags, expected",
+    [
+        (0.3, [], (0.3, "random")),  # FLIP's masking, at the ratio the model was trained with
+        (0.3, ["--mask_ratio", "0.75"], (0.75, "random")),
+        (0.3, ["--mask_strategy", "gaussian"], (0.3, "gaussian")),
+        (0.3, ["--mask_ratio", "0.75", "--mask_strategy", "gaussian"], (0.75, "gaussian")),
+        (0.0, [], (0.5, "gaussian")),  # no patch dropout: GLIPConfig's default
+        (None, [], (0.5, "gaussian")),
+    ],
+)
+def test_patch_dropout_in_the_open_clip_config_is_the_converted_models_masking(
+    tmp_path, open_clip_file, dropout, flags, expected
+):
+    checkpoint, config = open_clip_file(config_change={"vision_cfg": {"patch_dropout": dropout}})
+    convert("from-open-clip", str(checkpoint), "--out", str(tmp_path / "o"), "--open_clip_config", str(config), *flags)
+    converted = GLIPConfig.from_pretrained(tmp_path / "o")
+    assert (converted.mask_ratio, converted.mask_strategy) == expected
+
+
+def test_random_masking_goes_to_open_clip_as_patch_dropout_and_comes_back(tmp_path, capsys):
+    random_glip(flip_config()).save_pretrained(tmp_path / "flip")
+    convert("to-open-clip", str(tmp_path / "flip"), "--out", str(tmp_path / "flip.pt"))
+    assert "no open_clip equivalent" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "flip.json").read_text())["vision_cfg"]["patch_dropout"] == 0.6
+    convert(
+        "from-open-clip",
+        str(tmp_path / "flip.pt"),
+        *("--out", str(tmp_path / "back"), "--open_clip_config", str(tmp_path / "flip.json")),
+    )
+    back = GLIPConfig.from_pretrained(tmp_path / "back")
+    assert (back.mask_ratio, back.mask_strategy) == (0.6, "random")
+
+
+def test_gaussian_masking_is_not_written_for_open_clip_and_the_command_says_so(glip_dir, tmp_path, capsys):
+    convert("to-open-clip", str(glip_dir), "--out", str(tmp_path / "m.pt"))
+    assert "(its Gaussian masking, ratio 0.25, has no open_clip equivalent" in capsys.readouterr().out
+    assert "patch_dropout" not in json.loads((tmp_path / "m.json").read_text())["vision_cfg"]
 
 
 def _drop_ln_pre(sd):
@@ -356,11 +420,14 @@ def open_clip_run(tmp_path_factory, tokenizer):
         eos = text.get("eos_id", text["vocab_size"] - 1)  # open_clip's tokenizer: <end_of_text> is the largest id
         inputs = make_inputs(work / f"{name}.inputs.safetensors", 36, 18, 101, bos=99, eos=eos, pad=0)
         build.append({"name": name, "model_cfg": model_cfg, "seed": 0, "inputs": str(inputs)})
+    inputs = make_inputs(work / "flip.inputs.safetensors", 36, 18, 101, bos=99, eos=100, pad=0)
+    build.append({"name": "flip", "model_cfg": FLIP_MODEL, "seed": 0, "inputs": str(inputs)})
     for name, (change, _) in UNSUPPORTED.items():
         build.append({"name": name, "model_cfg": variant(OPEN_CLIP_MODELS["gelu"], change), "seed": 0})
     hf_models = {
         "glip_quickgelu_eos": (hf_config(), "glip"),
         "clip_gelu_argmax": (hf_config(hidden_act="gelu", layer_norm_eps=1e-6, text={"eos_token_id": 2}), "clip"),
+        "glip_random_masking": (flip_config(), "glip"),
     }
     for name, (config, flavour) in hf_models.items():
         model = random_glip(config)
@@ -368,7 +435,7 @@ def open_clip_run(tmp_path_factory, tokenizer):
         eos = config.text_config.eos_token_id
         ids = (0, 98, 1) if eos == 2 else (0, eos, 1)  # argmax pooling: the end token is the largest id
         inputs = make_inputs(work / f"{name}.inputs.safetensors", 30, 20, 99, bos=ids[0], eos=ids[1], pad=ids[2])
-        expected[name] = hf_embeddings(model, inputs)
+        expected[name] = {**hf_embeddings(model, inputs), "tokens_in_training": glip_tokens_in_training(model)}
         checkpoint, config_path = to_open_clip(work / name, work / f"{name}.pt")
         load.append({"name": name, "config": str(config_path), "checkpoint": str(checkpoint), "inputs": str(inputs)})
     name, model = "glip_own_tokenizer", random_glip(tiny_config(tokenizer))
@@ -411,6 +478,25 @@ def test_open_clip_to_glip_embeddings_match(open_clip_run, tmp_path, name, sourc
     assert_embeddings_close(actual, load_file(out / f"{name}.embeddings.safetensors"))
     logit_scale = load_open_clip_state_dict(out / f"{name}.pt")["logit_scale"]
     assert torch.equal(model.logit_scale.detach(), logit_scale)
+
+
+def test_a_flip_model_from_open_clip_keeps_its_masking(open_clip_run, tmp_path):
+    """open_clip's patch dropout 0.3 becomes random masking 0.3: the same embeddings in eval mode, and in training the
+    encoder sees as many tokens as open_clip's does (1 + int(36 * 0.7) = 26)."""
+    out = open_clip_run["out"]
+    convert(
+        "from-open-clip",
+        str(out / "flip.pt"),
+        "--out",
+        str(tmp_path / "glip"),
+        "--open_clip_config",
+        str(out / "flip.json"),
+    )
+    model = GLIPModel.from_pretrained(tmp_path / "glip")
+    assert (model.config.mask_ratio, model.config.mask_strategy) == (0.3, "random")
+    expected = load_file(out / "flip.embeddings.safetensors")
+    assert_embeddings_close(hf_embeddings(model, open_clip_run["work"] / "flip.inputs.safetensors"), expected)
+    assert glip_tokens_in_training(model) == expected["tokens_in_training"].item() == 26
 
 
 def test_clip_flavour_from_open_clip_matches(open_clip_run, tmp_path):
@@ -470,10 +556,17 @@ def test_inferred_architecture_equals_the_open_clip_source(open_clip_run, name):
     assert inferred == expected
 
 
-@pytest.mark.parametrize("name", ["glip_quickgelu_eos", "clip_gelu_argmax"])
+@pytest.mark.parametrize("name", ["glip_quickgelu_eos", "clip_gelu_argmax", "glip_random_masking"])
 def test_glip_to_open_clip_embeddings_match(open_clip_run, name):
-    actual = load_file(open_clip_run["out"] / f"{name}.embeddings.safetensors")  # loaded with strict=True
-    assert_embeddings_close(actual, open_clip_run["expected"][name])
+    """Loaded with strict=True. Random masking 0.6 trains in open_clip as patch dropout 0.6, with as many image tokens
+    as here (1 + 40 of 100); Gaussian masking has no open_clip equivalent, so those models train unmasked there."""
+    actual = load_file(open_clip_run["out"] / f"{name}.embeddings.safetensors")
+    expected = open_clip_run["expected"][name]
+    assert_embeddings_close(actual, expected)
+    if name == "glip_random_masking":
+        assert actual["tokens_in_training"].item() == expected["tokens_in_training"] == 1 + 40
+    else:
+        assert actual["tokens_in_training"].item() == 1 + 100
 
 
 def test_to_open_clip_carries_the_models_own_tokenizer(open_clip_run):
