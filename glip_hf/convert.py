@@ -26,9 +26,12 @@ open_clip feeds the text tower exactly ``context_length`` tokens (its tokenizer 
 shorter sequences.
 
 Masking: open_clip's ``patch_dropout`` is FLIP's random masking. A model config with ``patch_dropout: p`` converts
-to ``mask_ratio=p, mask_strategy="random"`` unless ``--mask_ratio`` / ``--mask_strategy`` say otherwise (without a
-model config, or with ``patch_dropout`` 0, the masking is GLIPConfig's default, Gaussian 50%); ``to-open-clip``
-writes random masking as ``patch_dropout``. Gaussian masking has no open_clip counterpart and is not written.
+to ``mask_ratio=p, mask_strategy="random"`` (with the paper's fork flag ``normal_masking: true``, Gaussian at its
+sigma 0.2); each of ``--mask_ratio`` / ``--mask_strategy`` / ``--mask_sigma`` overrides its own field. Without a
+model config, or with ``patch_dropout`` 0, the masking is GLIPConfig's default, Gaussian 50%: a FLIP model trained
+with open_clip's ``--force-patch-dropout`` (its stock configs have no ``patch_dropout``) needs the flags.
+``to-open-clip`` writes random masking as ``patch_dropout``; Gaussian masking has no stock open_clip counterpart and
+is not written (the command says so).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Any
 import torch
 
 from .cli import run_cli
-from .configuration_glip import MASKING_FIELDS, GLIPConfig
+from .configuration_glip import MASK_STRATEGIES, MASKING_FIELDS, GLIPConfig
 from .hub import export_to_clip
 
 OPEN_CLIP_HEAD_WIDTH = 64  # open_clip's CLIPVisionCfg.head_width default; its standard text towers match it
@@ -298,11 +301,17 @@ _NEUTRAL_TEXT = {
     "use_pad_mask": (False,),
 }
 _NEUTRAL_TOP = {"init_logit_bias": (None,), "multimodal_cfg": (None, {})}
+# The paper's open_clip fork turns Gaussian masking on with one of these (the second is its constructor argument's
+# spelling), at a fixed sigma of 0.2; stock open_clip has neither.
+GLIP_FORK_FLAGS = ("normal_masking", "normal_maksing")
+GLIP_FORK_SIGMA = 0.2
+
+
 # Options that do not change the converted weights' meaning (training-time, tokenizer or timm-only settings).
 _FREE_VISION = {
     "layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout", "pos_embed_type",
     "final_ln_after_pool",  # with CLS pooling, LayerNorm-then-pool equals pool-then-LayerNorm
-    "output_tokens", "attn_pooler_queries", "attn_pooler_heads", "norm_kwargs", "normal_maksing",
+    "output_tokens", "attn_pooler_queries", "attn_pooler_heads", "norm_kwargs", *GLIP_FORK_FLAGS,
     "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop", "timm_drop_path",
 }  # fmt: skip
 _FREE_TEXT = {
@@ -467,9 +476,10 @@ def _text_pooling(eos_token_id: int | None) -> dict[str, Any]:
 
 
 def patch_dropout(vision_cfg: dict[str, Any], where: str = "open_clip config") -> float:
-    """``vision_cfg.patch_dropout`` (0.0 when absent or null), checked: a number in [0, 1), as open_clip requires."""
+    """``vision_cfg.patch_dropout`` (0.0 when absent, null or false), checked: a number in [0, 1), as open_clip
+    requires."""
     dropout = vision_cfg.get("patch_dropout")
-    dropout = 0.0 if dropout is None else dropout
+    dropout = 0.0 if dropout is None or dropout is False else dropout
     if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
         raise ValueError(
             f"{where}: vision_cfg.patch_dropout={dropout!r}; expected a number with 0 <= patch_dropout < 1 "
@@ -478,21 +488,43 @@ def patch_dropout(vision_cfg: dict[str, Any], where: str = "open_clip config") -
     return float(dropout)
 
 
+def training_masking(vision_cfg: dict[str, Any], where: str = "open_clip config") -> dict[str, Any]:
+    """The masking an open_clip model config trains with, as GLIPConfig fields (``{}``: none).
+
+    ``patch_dropout`` p > 0 is FLIP's, ``mask_ratio=p, mask_strategy="random"``: open_clip's PatchDropout keeps
+    ``max(1, int(N * (1 - p)))`` uniformly drawn patches, as random masking here does. With the paper's fork flag
+    (`GLIP_FORK_FLAGS`) set it is GLIP's, ``mask_strategy="gaussian"`` at the fork's sigma 0.2.
+    """
+    dropout = patch_dropout(vision_cfg, where)
+    gaussian = False
+    for name in GLIP_FORK_FLAGS:
+        flag = vision_cfg.get(name)
+        if flag not in (None, True, False):
+            raise ValueError(f"{where}: vision_cfg.{name}={flag!r}; expected true or false (the GLIP fork's flag).")
+        gaussian = gaussian or bool(flag)
+    if dropout == 0:
+        return {}
+    if gaussian:
+        return {"mask_ratio": dropout, "mask_strategy": "gaussian", "mask_sigma": GLIP_FORK_SIGMA}
+    return {"mask_ratio": dropout, "mask_strategy": "random"}
+
+
 def source_masking(vision_cfg: dict[str, Any], **masking: Any) -> dict[str, Any]:
-    """The masking fields given in ``masking`` (``None``: not given), the rest from the open_clip model's own
-    training masking: ``vision_cfg.patch_dropout`` p > 0 is FLIP's, ``mask_ratio=p`` with ``mask_strategy="random"``
-    (open_clip's PatchDropout keeps ``max(1, int(N * (1 - p)))`` uniformly drawn patches, as random masking here
-    does). Fields neither gives are left out (GLIPConfig's defaults)."""
+    """The masking fields given in ``masking`` (``None``: not given), each over the model's own training masking
+    (`training_masking`); fields neither gives are left out (GLIPConfig's defaults)."""
     given = {key: value for key, value in masking.items() if value is not None}
-    dropout = patch_dropout(vision_cfg)
-    if dropout > 0:
-        return {"mask_ratio": float(dropout), "mask_strategy": "random", **given}
-    return given
+    trained = training_masking(vision_cfg)
+    if "mask_sigma" in given and "mask_strategy" not in given and trained.get("mask_strategy") == "random":
+        raise ValueError(
+            f"mask_sigma={given['mask_sigma']} is for Gaussian masking, but the open_clip config's patch_dropout is "
+            "FLIP's random masking; add --mask_strategy gaussian to train this model with GLIP's."
+        )
+    return {**trained, **given}
 
 
 def open_clip_to_hf_config(config: dict[str, Any], **masking: Any) -> GLIPConfig:
     """The `GLIPConfig` of an open_clip ViT CLIP model config; ``masking`` sets mask_ratio / mask_strategy /
-    mask_sigma (default: the config's ``patch_dropout`` as random masking, see `source_masking`, then GLIPConfig's)."""
+    mask_sigma (default: the config's own training masking, see `training_masking`, then GLIPConfig's)."""
     vision, text = config["vision_cfg"], config["text_cfg"]
     act = ACTIVATIONS[bool(config.get("quick_gelu", False))]
     eps = (vision.get("norm_kwargs") or {}).get("eps", OPEN_CLIP_LN_EPS)
@@ -615,8 +647,10 @@ def resolve_open_clip_config(
     if given:
         _check_against_config(resolved, given, path)
         resolved["text_cfg"]["pad_id"] = given["text_cfg"].get("pad_id", 0)
-        if patch_dropout(given["vision_cfg"], str(open_clip_config)):  # its training masking (FLIP's), not in weights
-            resolved["vision_cfg"]["patch_dropout"] = given["vision_cfg"]["patch_dropout"]
+        training_masking(given["vision_cfg"], str(open_clip_config))  # checked here, to name the file
+        for name in ("patch_dropout", *GLIP_FORK_FLAGS):  # the model's training masking: not in the weights
+            if name in given["vision_cfg"]:
+                resolved["vision_cfg"][name] = given["vision_cfg"][name]
     _check_key_set(state_dict, resolved, path)
     return resolved
 
@@ -653,7 +687,8 @@ def from_open_clip(
         open_clip_config: the model's open_clip config JSON, for the settings that ``settings`` leaves ``None``.
         settings: what the weights do not record (see `OpenCLIPSettings`).
         processor: a transformers processor (path or name) saved alongside, for pipelines.
-        masking: ``mask_ratio`` / ``mask_strategy`` / ``mask_sigma`` (``None``: GLIPConfig's default).
+        masking: ``mask_ratio`` / ``mask_strategy`` / ``mask_sigma`` (``None``: the model's own training masking
+            from ``open_clip_config``, see `training_masking`, else GLIPConfig's default).
     Returns:
         The converted `GLIPModel`, in eval mode, with the source's dtype.
     """
@@ -750,12 +785,10 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--eos_token_id", type=int, help="pool text at the first such token (default: argmax)")
     source.add_argument("--processor", help="a transformers processor (path or name) to save alongside")
     source.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    for name, kind in (("mask_ratio", float), ("mask_strategy", str), ("mask_sigma", float)):
-        source.add_argument(
-            f"--{name}",
-            type=kind,
-            help="GLIP masking (default: the config's patch_dropout as random, else GLIPConfig's)",
-        )
+    trained = "the --open_clip_config's own masking (patch_dropout: random at that ratio), else GLIPConfig's"
+    source.add_argument("--mask_ratio", type=float, help=f"GLIP masking ratio (default: {trained})")
+    source.add_argument("--mask_strategy", choices=MASK_STRATEGIES, help=f"GLIP masking (default: {trained})")
+    source.add_argument("--mask_sigma", type=float, help="the Gaussian prior's sigma (default 0.2)")
     target = commands.add_parser("to-open-clip", help="GLIP / CLIP directory -> open_clip state dict + config JSON")
     target.add_argument("model_dir")
     target.add_argument("--out", required=True, help="CKPT.pt (or .safetensors)")
@@ -788,19 +821,26 @@ def main(argv: list[str]) -> None:
         _refuse_overwrite(out, args.overwrite, is_dir=False)
         checkpoint, config = to_open_clip(args.model_dir, out, args.config_out)
         tokenizer = json.loads(config.read_text())["text_cfg"].get("hf_tokenizer_name")
-        vision = json.loads((Path(args.model_dir) / "config.json").read_text()).get("vision_config", {})
-        dropped = vision.get("mask_strategy") == "gaussian" and vision.get("mask_ratio", 0) > 0
         print(
             f"wrote {checkpoint} and {config}"
             + (f" and the model's tokenizer to {tokenizer}" if tokenizer else "")
-            + (
-                f" (its Gaussian masking, ratio {vision['mask_ratio']}, has no open_clip equivalent and is not in the "
-                "config: open_clip trains it unmasked unless you set vision_cfg.patch_dropout, uniform masking)"
-            )
-            * dropped
+            + _unwritten_masking(Path(args.model_dir))
             + f"; in open_clip: add_model_config({str(config)!r}); create_model({config.stem!r}, "
             f"pretrained={str(checkpoint)!r})" + (f"; get_tokenizer({config.stem!r})" if tokenizer else "")
         )
+
+
+def _unwritten_masking(model_dir: Path) -> str:
+    """What to-open-clip says of a GLIP model's Gaussian masking, which no open_clip config can hold ("" if none)."""
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "glip":
+        return ""  # a CLIP model has no masking
+    config = GLIPConfig.from_pretrained(model_dir)
+    if config.mask_strategy != "gaussian" or config.mask_ratio == 0:
+        return ""
+    return (
+        f" (its Gaussian masking, ratio {config.mask_ratio}, has no open_clip equivalent and is not in the config: "
+        "open_clip trains it unmasked unless you set vision_cfg.patch_dropout, which is uniform masking)"
+    )
 
 
 def _summary(config, flavour: str, out: str) -> str:

@@ -64,13 +64,17 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         self.masking_override: MaskingSpec | None = None  # set by `masked_inference`
 
     def _apply(self, fn, recurse: bool = True):
-        # The prior is a function of the config: recompute it, float32 on the buffer's new device, after every move
-        # or cast. `.to(torch.bfloat16)` / `.half()` cast every floating buffer (1 - pdf rounded to bf16 moves by up
-        # to 0.002 and changes masks; the noise is float32 too), and `to_empty` (meta-device init, FSDP's
-        # materialisation) leaves a non-persistent buffer as uninitialised memory, which no checkpoint refills.
+        # The prior is a function of the config: after every move or cast, recompute it in float32 on the buffer's
+        # new device. A cast would round it (bf16 moves 1 - pdf by up to 0.002 and changes masks), and `to_empty`
+        # (meta-device init, FSDP materialisation) leaves it as uninitialised memory. Built outside inference mode
+        # (no inference tensor left behind) and put back in shared memory after `share_memory()`.
         super()._apply(fn, recurse)
-        if self.mask_offset.device.type != "meta":
-            self.mask_offset = masking_offset(*self._offset_key, device=self.mask_offset.device)
+        moved = self.mask_offset
+        if moved.device.type != "meta":
+            with torch.inference_mode(False):
+                self.mask_offset = masking_offset(*self._offset_key, device=moved.device)
+            if moved.is_shared() and moved.device.type == "cpu":
+                self.mask_offset.share_memory_()
         return self
 
     def active_masking(self) -> MaskingSpec | None:
@@ -81,7 +85,8 @@ class GLIPVisionEmbeddings(CLIPVisionEmbeddings):
         return spec if spec is not None and spec.mask_ratio > 0 else None
 
     def _offset(self, grid: tuple[int, int], spec: MaskingSpec) -> torch.Tensor:
-        if (grid, spec.mask_strategy, spec.mask_sigma) == self._offset_key:
+        # A buffer cast behind `_apply`'s back (FSDP1's MixedPrecision(buffer_dtype=bf16) sets `.data`) is not used.
+        if (grid, spec.mask_strategy, spec.mask_sigma) == self._offset_key and self.mask_offset.dtype == torch.float32:
             return self.mask_offset
         return masking_offset(grid, spec.mask_strategy, spec.mask_sigma, device=self.mask_offset.device)
 

@@ -76,7 +76,7 @@ OPEN_CLIP_MODELS = {
 # A FLIP model: open_clip's patch dropout is the training masking, in the model config only (not in the weights).
 FLIP_MODEL = {
     **OPEN_CLIP_MODELS["gelu"],
-    "vision_cfg": {**OPEN_CLIP_MODELS["gelu"]["vision_cfg"], "patch_dropout": 0.3},
+    "vision_cfg": {**OPEN_CLIP_MODELS["gelu"]["vision_cfg"], "patch_dropout": 0.4},
 }
 NOT_IN_THE_WEIGHTS = {  # the flags that say what OPEN_CLIP_MODELS' state dicts do not
     "gelu": ["--vision_heads", "4", "--text_heads", "5"],
@@ -119,9 +119,10 @@ def hf_config(**overrides) -> GLIPConfig:
 
 
 def flip_config() -> GLIPConfig:
-    """`hf_config` with FLIP's masking (uniform) at 0.6: open_clip's ``patch_dropout`` 0.6."""
+    """`hf_config` with FLIP's masking (uniform) at 0.9: open_clip's ``patch_dropout`` 0.9. Of 100 patches both keep
+    ``int(100 * (1 - 0.9)) = 9`` (``round`` would give 10)."""
     config = hf_config()
-    config.mask_strategy, config.mask_ratio = "random", 0.6
+    config.mask_strategy, config.mask_ratio = "random", 0.9
     return config
 
 
@@ -294,10 +295,12 @@ def open_clip_file(glip_dir, tmp_path):
         ({"vision_cfg": {"image_size": "16"}}, "vision_cfg.image_size='16': only a positive int"),
         ({"vision_cfg": {"patch_dropout": 1.0}}, "bad.json: vision_cfg.patch_dropout=1.0; expected a number"),
         ({"vision_cfg": {"patch_dropout": "0.5"}}, "bad.json: vision_cfg.patch_dropout='0.5'; expected a number"),
+        ({"vision_cfg": {"normal_masking": "yes"}}, "bad.json: vision_cfg.normal_masking='yes'; expected true or"),
     ],
     ids=[
         *("avg_pool", "no_ln_pre", "no_causal_mask", "last_pool", "hf_text", "timm_image", "unknown", "size_mismatch"),
         *("non_square_image", "non_square_patch", "string_image_size", "patch_dropout_one", "patch_dropout_string"),
+        "normal_masking_string",
     ],
 )
 def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
@@ -312,43 +315,67 @@ def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
 
 
 @pytest.mark.parametrize(
-    "dropout, flags, expected",
+    "vision_change, flags, expected",
     [
-        (0.3, [], (0.3, "random")),  # FLIP's masking, at the ratio the model was trained with
-        (0.3, ["--mask_ratio", "0.75"], (0.75, "random")),
-        (0.3, ["--mask_strategy", "gaussian"], (0.3, "gaussian")),
-        (0.3, ["--mask_ratio", "0.75", "--mask_strategy", "gaussian"], (0.75, "gaussian")),
-        (0.0, [], (0.5, "gaussian")),  # no patch dropout: GLIPConfig's default
-        (None, [], (0.5, "gaussian")),
+        ({"patch_dropout": 0.3}, [], (0.3, "random", 0.2)),  # FLIP's masking, at the ratio the model trained with
+        ({"patch_dropout": 0.3}, ["--mask_ratio", "0.75"], (0.75, "random", 0.2)),  # each flag: its own field
+        ({"patch_dropout": 0.3}, ["--mask_strategy", "gaussian"], (0.3, "gaussian", 0.2)),
+        ({"patch_dropout": 0.3}, ["--mask_strategy", "gaussian", "--mask_sigma", "0.8"], (0.3, "gaussian", 0.8)),
+        ({"patch_dropout": 0.4, "normal_masking": True}, [], (0.4, "gaussian", 0.2)),  # the paper's fork: GLIP
+        ({"patch_dropout": 0.4, "normal_maksing": True}, [], (0.4, "gaussian", 0.2)),
+        ({"patch_dropout": 0.4, "normal_masking": True}, ["--mask_sigma", "0.8"], (0.4, "gaussian", 0.8)),
+        ({"patch_dropout": 0.4, "normal_masking": False}, [], (0.4, "random", 0.2)),
+        ({"patch_dropout": 0.0, "normal_masking": True}, [], (0.5, "gaussian", 0.2)),  # no masking: the default
+        ({"patch_dropout": None}, [], (0.5, "gaussian", 0.2)),
+        ({"patch_dropout": False}, [], (0.5, "gaussian", 0.2)),
     ],
 )
-def test_patch_dropout_in_the_open_clip_config_is_the_converted_models_masking(
-    tmp_path, open_clip_file, dropout, flags, expected
+def test_the_open_clip_configs_own_masking_is_the_converted_models(
+    tmp_path, open_clip_file, vision_change, flags, expected
 ):
-    checkpoint, config = open_clip_file(config_change={"vision_cfg": {"patch_dropout": dropout}})
+    checkpoint, config = open_clip_file(config_change={"vision_cfg": vision_change})
     convert("from-open-clip", str(checkpoint), "--out", str(tmp_path / "o"), "--open_clip_config", str(config), *flags)
     converted = GLIPConfig.from_pretrained(tmp_path / "o")
-    assert (converted.mask_ratio, converted.mask_strategy) == expected
+    assert (converted.mask_ratio, converted.mask_strategy, converted.mask_sigma) == expected
+
+
+def test_a_sigma_for_a_flip_model_without_a_strategy_is_one_line(capsys, tmp_path, open_clip_file):
+    checkpoint, config = open_clip_file(config_change={"vision_cfg": {"patch_dropout": 0.3}})
+    line = one_line_error(
+        capsys,
+        *("from-open-clip", str(checkpoint), "--out", str(tmp_path / "o")),
+        *("--open_clip_config", str(config), "--mask_sigma", "0.8"),
+    )
+    assert "mask_sigma=0.8 is for Gaussian masking" in line and "--mask_strategy gaussian" in line
 
 
 def test_random_masking_goes_to_open_clip_as_patch_dropout_and_comes_back(tmp_path, capsys):
     random_glip(flip_config()).save_pretrained(tmp_path / "flip")
     convert("to-open-clip", str(tmp_path / "flip"), "--out", str(tmp_path / "flip.pt"))
     assert "no open_clip equivalent" not in capsys.readouterr().out
-    assert json.loads((tmp_path / "flip.json").read_text())["vision_cfg"]["patch_dropout"] == 0.6
+    assert json.loads((tmp_path / "flip.json").read_text())["vision_cfg"]["patch_dropout"] == 0.9
     convert(
         "from-open-clip",
         str(tmp_path / "flip.pt"),
         *("--out", str(tmp_path / "back"), "--open_clip_config", str(tmp_path / "flip.json")),
     )
     back = GLIPConfig.from_pretrained(tmp_path / "back")
-    assert (back.mask_ratio, back.mask_strategy) == (0.6, "random")
+    assert (back.mask_ratio, back.mask_strategy) == (0.9, "random")
 
 
 def test_gaussian_masking_is_not_written_for_open_clip_and_the_command_says_so(glip_dir, tmp_path, capsys):
     convert("to-open-clip", str(glip_dir), "--out", str(tmp_path / "m.pt"))
     assert "(its Gaussian masking, ratio 0.25, has no open_clip equivalent" in capsys.readouterr().out
     assert "patch_dropout" not in json.loads((tmp_path / "m.json").read_text())["vision_cfg"]
+
+
+def test_to_open_clip_converts_a_clip_directory_from_the_command_line(tmp_path, capsys):
+    """A CLIP directory (transformers' own, or from-open-clip --flavour clip) has no masking fields at all."""
+    export_to_clip(random_glip(hf_config()), tmp_path / "clip")
+    convert("to-open-clip", str(tmp_path / "clip"), "--out", str(tmp_path / "clip.pt"))
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {tmp_path / 'clip.pt'}") and "masking" not in out
+    assert "patch_dropout" not in json.loads((tmp_path / "clip.json").read_text())["vision_cfg"]
 
 
 def _drop_ln_pre(sd):
@@ -481,8 +508,8 @@ def test_open_clip_to_glip_embeddings_match(open_clip_run, tmp_path, name, sourc
 
 
 def test_a_flip_model_from_open_clip_keeps_its_masking(open_clip_run, tmp_path):
-    """open_clip's patch dropout 0.3 becomes random masking 0.3: the same embeddings in eval mode, and in training the
-    encoder sees as many tokens as open_clip's does (1 + int(36 * 0.7) = 26)."""
+    """open_clip's patch dropout 0.4 becomes random masking 0.4: the same embeddings in eval mode, and in training the
+    encoder sees as many tokens as open_clip's does (1 + int(36 * (1 - 0.4)) = 22; ``round`` would give 23)."""
     out = open_clip_run["out"]
     convert(
         "from-open-clip",
@@ -493,10 +520,10 @@ def test_a_flip_model_from_open_clip_keeps_its_masking(open_clip_run, tmp_path):
         str(out / "flip.json"),
     )
     model = GLIPModel.from_pretrained(tmp_path / "glip")
-    assert (model.config.mask_ratio, model.config.mask_strategy) == (0.3, "random")
+    assert (model.config.mask_ratio, model.config.mask_strategy) == (0.4, "random")
     expected = load_file(out / "flip.embeddings.safetensors")
     assert_embeddings_close(hf_embeddings(model, open_clip_run["work"] / "flip.inputs.safetensors"), expected)
-    assert glip_tokens_in_training(model) == expected["tokens_in_training"].item() == 26
+    assert glip_tokens_in_training(model) == expected["tokens_in_training"].item() == 22
 
 
 def test_clip_flavour_from_open_clip_matches(open_clip_run, tmp_path):
@@ -558,13 +585,13 @@ def test_inferred_architecture_equals_the_open_clip_source(open_clip_run, name):
 
 @pytest.mark.parametrize("name", ["glip_quickgelu_eos", "clip_gelu_argmax", "glip_random_masking"])
 def test_glip_to_open_clip_embeddings_match(open_clip_run, name):
-    """Loaded with strict=True. Random masking 0.6 trains in open_clip as patch dropout 0.6, with as many image tokens
-    as here (1 + 40 of 100); Gaussian masking has no open_clip equivalent, so those models train unmasked there."""
+    """Loaded with strict=True. Random masking 0.9 trains in open_clip as patch dropout 0.9, with as many image tokens
+    as here (1 + 9 of 100); Gaussian masking has no open_clip equivalent, so those models train unmasked there."""
     actual = load_file(open_clip_run["out"] / f"{name}.embeddings.safetensors")
     expected = open_clip_run["expected"][name]
     assert_embeddings_close(actual, expected)
     if name == "glip_random_masking":
-        assert actual["tokens_in_training"].item() == expected["tokens_in_training"] == 1 + 40
+        assert actual["tokens_in_training"].item() == expected["tokens_in_training"] == 1 + 9
     else:
         assert actual["tokens_in_training"].item() == 1 + 100
 

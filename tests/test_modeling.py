@@ -379,8 +379,9 @@ def test_vision_projection_follows_the_top_level_projection_dim(model, inputs, t
 @pytest.mark.parametrize("recurse", [True, False])
 def test_a_model_built_on_the_meta_device_gets_its_prior_back_from_to_empty(config, recurse):
     """Meta-device init (FSDP's materialisation, ``init_empty_weights``) ends in ``to_empty``, which leaves every
-    buffer as uninitialised memory; the prior is no checkpoint tensor, so nothing refilled it and masks were drawn
-    from garbage. FSDP1 materialises module by module (``recurse=False``), a plain ``model.to_empty`` all at once."""
+    buffer as uninitialised memory; the prior is no checkpoint tensor, so unless ``_init_weights`` ran again nothing
+    refilled it and masks were drawn from garbage. (CLIP's ``position_ids`` are refilled only by ``_init_weights``.)
+    FSDP1 materialises module by module (``recurse=False``), a plain ``model.to_empty`` all at once."""
     with torch.device("meta"):
         model = GLIPModel(config)
     if recurse:
@@ -391,6 +392,30 @@ def test_a_model_built_on_the_meta_device_gets_its_prior_back_from_to_empty(conf
     offset = model.vision_model.embeddings.mask_offset
     assert offset.device.type == "cpu" and offset.dtype == torch.float32
     assert torch.equal(offset, masking_offset(15, "gaussian", 0.2))
+
+
+def test_a_prior_cast_behind_apply_is_not_used_for_masks(config):
+    """FSDP1's ``MixedPrecision(buffer_dtype=torch.bfloat16)`` casts buffers by setting ``.data``, which ``_apply``
+    never sees: the masks are still drawn against the exact float32 prior."""
+    embeddings = GLIPModel(config).vision_model.embeddings.train()
+    pixels = torch.randn(64, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    expected = embeddings(pixels)
+    embeddings.mask_offset.data = embeddings.mask_offset.data.to(torch.bfloat16)
+    torch.manual_seed(1)
+    assert torch.equal(embeddings(pixels), expected)
+
+
+def test_the_prior_survives_inference_mode_moves_and_follows_share_memory(config):
+    model = GLIPModel(config)
+    with torch.inference_mode():
+        model.to("cpu")
+    embeddings = model.vision_model.embeddings
+    assert not embeddings.mask_offset.is_inference()
+    model._init_weights(embeddings)  # in place, outside inference mode: fails on an inference tensor
+    model.share_memory()
+    assert embeddings.mask_offset.is_shared()
+    assert torch.equal(embeddings.mask_offset, masking_offset(15, "gaussian", 0.2))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
