@@ -28,8 +28,10 @@ shorter sequences.
 Masking: open_clip's ``patch_dropout`` is FLIP's random masking. A model config with ``patch_dropout: p`` converts
 to ``mask_ratio=p, mask_strategy="random"`` (with the paper's fork flag ``normal_masking: true``, Gaussian at its
 sigma 0.2); each of ``--mask_ratio`` / ``--mask_strategy`` / ``--mask_sigma`` overrides its own field. Without a
-model config, or with ``patch_dropout`` 0, the masking is GLIPConfig's default, Gaussian 50%: a FLIP model trained
-with open_clip's ``--force-patch-dropout`` (its stock configs have no ``patch_dropout``) needs the flags.
+model config, or with ``patch_dropout`` 0, the masking is GLIPConfig's default, Gaussian 50%. Models trained with
+open_clip's ``--force-patch-dropout p`` (stock configs have no ``patch_dropout``, and training saves no model config)
+need the flags: ``--mask_strategy random --mask_ratio p`` for FLIP, ``--mask_ratio p`` for the fork's GLIP
+(``--force-patch-dropout p --normal-masking``; Gaussian, sigma 0.2, is the default).
 ``to-open-clip`` writes random masking as ``patch_dropout``; Gaussian masking has no stock open_clip counterpart and
 is not written (the command says so).
 """
@@ -48,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .cli import run_cli
+from .cli import OneLineErrorParser, run_cli
 from .configuration_glip import MASK_STRATEGIES, MASKING_FIELDS, GLIPConfig
 from .hub import export_to_clip
 
@@ -499,7 +501,7 @@ def training_masking(vision_cfg: dict[str, Any], where: str = "open_clip config"
     gaussian = False
     for name in GLIP_FORK_FLAGS:
         flag = vision_cfg.get(name)
-        if flag not in (None, True, False):
+        if flag is not None and not isinstance(flag, bool):
             raise ValueError(f"{where}: vision_cfg.{name}={flag!r}; expected true or false (the GLIP fork's flag).")
         gaussian = gaussian or bool(flag)
     if dropout == 0:
@@ -517,7 +519,7 @@ def source_masking(vision_cfg: dict[str, Any], **masking: Any) -> dict[str, Any]
     if "mask_sigma" in given and "mask_strategy" not in given and trained.get("mask_strategy") == "random":
         raise ValueError(
             f"mask_sigma={given['mask_sigma']} is for Gaussian masking, but the open_clip config's patch_dropout is "
-            "FLIP's random masking; add --mask_strategy gaussian to train this model with GLIP's."
+            "FLIP's random masking; also give mask_strategy='gaussian' (--mask_strategy gaussian) for GLIP's."
         )
     return {**trained, **given}
 
@@ -694,6 +696,9 @@ def from_open_clip(
     """
     if flavour not in ("glip", "clip"):
         raise ValueError(f"flavour must be 'glip' or 'clip', got {flavour!r}.")
+    given = sorted(name for name, value in masking.items() if value is not None)
+    if flavour == "clip" and given:
+        raise ValueError(f"{', '.join(given)}: a CLIP model has no masking; drop them or convert to --flavour glip.")
     loaded_processor = _load_processor(processor)  # before the work: a wrong name fails fast
     path = Path(checkpoint)
     state_dict = load_open_clip_state_dict(path)
@@ -771,7 +776,7 @@ def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     source = commands.add_parser("from-open-clip", help="open_clip checkpoint -> GLIP / CLIP directory")
     source.add_argument("checkpoint", help="open_clip .pt/.bin/.safetensors: a state dict or training checkpoint")
@@ -785,7 +790,10 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--eos_token_id", type=int, help="pool text at the first such token (default: argmax)")
     source.add_argument("--processor", help="a transformers processor (path or name) to save alongside")
     source.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    trained = "the --open_clip_config's own masking (patch_dropout: random at that ratio), else GLIPConfig's"
+    trained = (
+        "the --open_clip_config's own masking (patch_dropout: random at that ratio; with the GLIP fork's "
+        "normal_masking: Gaussian), else GLIPConfig's"
+    )
     source.add_argument("--mask_ratio", type=float, help=f"GLIP masking ratio (default: {trained})")
     source.add_argument("--mask_strategy", choices=MASK_STRATEGIES, help=f"GLIP masking (default: {trained})")
     source.add_argument("--mask_sigma", type=float, help="the Gaussian prior's sigma (default 0.2)")
@@ -838,8 +846,8 @@ def _unwritten_masking(model_dir: Path) -> str:
     if config.mask_strategy != "gaussian" or config.mask_ratio == 0:
         return ""
     return (
-        f" (its Gaussian masking, ratio {config.mask_ratio}, has no open_clip equivalent and is not in the config: "
-        "open_clip trains it unmasked unless you set vision_cfg.patch_dropout, which is uniform masking)"
+        f" (its Gaussian masking, ratio {config.mask_ratio}, has no stock open_clip equivalent and is not in the "
+        "config: open_clip trains it unmasked unless you set vision_cfg.patch_dropout, which is uniform masking)"
     )
 
 

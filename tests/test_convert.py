@@ -120,7 +120,7 @@ def hf_config(**overrides) -> GLIPConfig:
 
 def flip_config() -> GLIPConfig:
     """`hf_config` with FLIP's masking (uniform) at 0.9: open_clip's ``patch_dropout`` 0.9. Of 100 patches both keep
-    ``int(100 * (1 - 0.9)) = 9`` (``round`` would give 10)."""
+    ``int(100 * (1 - 0.9))``, which is ``int(9.999...)`` = 9 in floating point (``round`` would give 10)."""
     config = hf_config()
     config.mask_strategy, config.mask_ratio = "random", 0.9
     return config
@@ -296,11 +296,12 @@ def open_clip_file(glip_dir, tmp_path):
         ({"vision_cfg": {"patch_dropout": 1.0}}, "bad.json: vision_cfg.patch_dropout=1.0; expected a number"),
         ({"vision_cfg": {"patch_dropout": "0.5"}}, "bad.json: vision_cfg.patch_dropout='0.5'; expected a number"),
         ({"vision_cfg": {"normal_masking": "yes"}}, "bad.json: vision_cfg.normal_masking='yes'; expected true or"),
+        ({"vision_cfg": {"normal_masking": 1}}, "bad.json: vision_cfg.normal_masking=1; expected true or false"),
     ],
     ids=[
         *("avg_pool", "no_ln_pre", "no_causal_mask", "last_pool", "hf_text", "timm_image", "unknown", "size_mismatch"),
         *("non_square_image", "non_square_patch", "string_image_size", "patch_dropout_one", "patch_dropout_string"),
-        "normal_masking_string",
+        *("normal_masking_string", "normal_masking_int"),
     ],
 )
 def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
@@ -349,10 +350,20 @@ def test_a_sigma_for_a_flip_model_without_a_strategy_is_one_line(capsys, tmp_pat
     assert "mask_sigma=0.8 is for Gaussian masking" in line and "--mask_strategy gaussian" in line
 
 
+def test_mask_flags_are_one_line_errors_where_they_mean_nothing_or_name_no_strategy(capsys, tmp_path, open_clip_file):
+    checkpoint, config = open_clip_file(config_change={"vision_cfg": {"patch_dropout": 0.3}})
+    source = ("from-open-clip", str(checkpoint), "--out", str(tmp_path / "o"), "--open_clip_config", str(config))
+    line = one_line_error(capsys, *source, "--flavour", "clip", "--mask_sigma", "0.5", "--mask_ratio", "0.3")
+    assert "mask_ratio, mask_sigma: a CLIP model has no masking" in line
+    line = one_line_error(capsys, *source, "--mask_strategy", "bogus")
+    assert "--mask_strategy: invalid choice: 'bogus'" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_random_masking_goes_to_open_clip_as_patch_dropout_and_comes_back(tmp_path, capsys):
     random_glip(flip_config()).save_pretrained(tmp_path / "flip")
     convert("to-open-clip", str(tmp_path / "flip"), "--out", str(tmp_path / "flip.pt"))
-    assert "no open_clip equivalent" not in capsys.readouterr().out
+    assert "open_clip equivalent" not in capsys.readouterr().out
     assert json.loads((tmp_path / "flip.json").read_text())["vision_cfg"]["patch_dropout"] == 0.9
     convert(
         "from-open-clip",
@@ -365,7 +376,7 @@ def test_random_masking_goes_to_open_clip_as_patch_dropout_and_comes_back(tmp_pa
 
 def test_gaussian_masking_is_not_written_for_open_clip_and_the_command_says_so(glip_dir, tmp_path, capsys):
     convert("to-open-clip", str(glip_dir), "--out", str(tmp_path / "m.pt"))
-    assert "(its Gaussian masking, ratio 0.25, has no open_clip equivalent" in capsys.readouterr().out
+    assert "(its Gaussian masking, ratio 0.25, has no stock open_clip equivalent" in capsys.readouterr().out
     assert "patch_dropout" not in json.loads((tmp_path / "m.json").read_text())["vision_cfg"]
 
 
