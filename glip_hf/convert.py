@@ -753,7 +753,7 @@ def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path 
     open_clip_config = hf_to_open_clip_config(model.config)
     layers = model.config.vision_config.num_hidden_layers, model.config.text_config.num_hidden_layers
     state_dict = hf_to_open_clip_state_dict(model.state_dict(), *layers)
-    config_out = Path(config_out) if config_out else out.with_suffix(".json")
+    config_out = _config_path(out, config_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     config_out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".safetensors":
@@ -805,10 +805,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _refuse_overwrite(path: Path, overwrite: bool, is_dir: bool) -> None:
+def _config_path(out: Path, config_out: str | Path | None) -> Path:
+    """Where to-open-clip writes the open_clip model config: ``config_out``, else ``out`` with ``.json``."""
+    return Path(config_out) if config_out else out.with_suffix(".json")
+
+
+def _refuse_overwrite(path: Path, overwrite: bool, is_dir: bool, flag: str = "--out") -> None:
+    if is_dir and path.exists() and not path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a file; give a directory to write the model into.")
     exists = path.is_dir() and any(path.iterdir()) if is_dir else path.exists()
     if exists and not overwrite:
-        raise FileExistsError(f"--out {path} already exists{' and is not empty' if is_dir else ''}; pass --overwrite.")
+        raise FileExistsError(
+            f"{flag} {path} already exists{' and is not empty' if is_dir else ''}; pass --overwrite."
+        )
 
 
 def main(argv: list[str]) -> None:
@@ -826,7 +835,13 @@ def main(argv: list[str]) -> None:
         print(_summary(model.config, args.flavour, args.out))
     else:
         out = Path(args.out)
+        config_out = _config_path(out, args.config_out)
+        if config_out.resolve() == out.resolve():
+            raise ValueError(f"--config_out {config_out} is --out itself; give the model config JSON another path.")
         _refuse_overwrite(out, args.overwrite, is_dir=False)
+        _refuse_overwrite(
+            config_out, args.overwrite, is_dir=False, flag="--config_out" if args.config_out else "the config"
+        )
         checkpoint, config = to_open_clip(args.model_dir, out, args.config_out)
         tokenizer = json.loads(config.read_text())["text_cfg"].get("hf_tokenizer_name")
         print(

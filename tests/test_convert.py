@@ -442,6 +442,37 @@ def test_missing_files_and_existing_outputs_are_one_line(capsys, glip_dir, tmp_p
     assert "already exists" in line and "--overwrite" in line
 
 
+def test_no_output_path_replaces_a_users_file_without_overwrite(capsys, glip_dir, tmp_path):
+    """Every file a command writes is checked, not only --out: the config JSON beside the checkpoint too, and a file
+    where from-open-clip wants a directory (transformers only warned, and the command said it wrote the model)."""
+    checkpoint, _ = to_open_clip(glip_dir, tmp_path / "model.pt")
+    (tmp_path / "mine.json").write_text('{"mine": 1}')
+    (tmp_path / "afile").write_text("x")
+    line = one_line_error(capsys, "from-open-clip", str(checkpoint), "--out", str(tmp_path / "afile"))
+    assert f"--out {tmp_path / 'afile'} is a file" in line
+    line = one_line_error(capsys, "to-open-clip", str(glip_dir), "--out", str(tmp_path / "mine.pt"))
+    assert f"the config {tmp_path / 'mine.json'} already exists; pass --overwrite" in line
+    line = one_line_error(
+        capsys,
+        "to-open-clip",
+        str(glip_dir),
+        "--out",
+        str(tmp_path / "new.pt"),
+        "--config_out",
+        str(tmp_path / "mine.json"),
+    )
+    assert f"--config_out {tmp_path / 'mine.json'} already exists" in line
+    line = one_line_error(
+        capsys, "to-open-clip", str(glip_dir), "--out", str(tmp_path / "z.pt"), "--config_out", str(tmp_path / "z.pt")
+    )
+    assert "is --out itself" in line
+    assert (tmp_path / "afile").read_text() == "x" and (tmp_path / "mine.json").read_text() == '{"mine": 1}'
+    assert not (tmp_path / "mine.pt").exists() and not (tmp_path / "new.pt").exists()
+    assert not (tmp_path / "z.pt").exists()
+    convert("to-open-clip", str(glip_dir), "--out", str(tmp_path / "mine.pt"), "--overwrite")
+    assert "vision_cfg" in json.loads((tmp_path / "mine.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Against open_clip itself.
 
