@@ -72,10 +72,26 @@ class OpenCLIPSettings:
     layer_norm_eps: float | None = None  # default 1e-5
     eos_token_id: int | None = None  # pool text at the first such token; default argmax(token ids)
 
+    def __post_init__(self) -> None:
+        for name, minimum in (("vision_heads", 1), ("text_heads", 1), ("eos_token_id", 0)):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value, minimum):
+                raise ValueError(f"{name}={value!r}: expected an int >= {minimum}.")
+        if self.layer_norm_eps is not None and not _is_positive_number(self.layer_norm_eps):
+            raise ValueError(f"layer_norm_eps={self.layer_norm_eps!r}: expected a finite number > 0.")
+
     def over(self, base: OpenCLIPSettings | None) -> OpenCLIPSettings:
         """These settings, with the ones not given taken from ``base``."""
         given = {key: value for key, value in asdict(self).items() if value is not None}
         return replace(base or OpenCLIPSettings(), **given)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,6 +370,9 @@ def read_open_clip_config(path: str | Path) -> dict[str, Any]:
     config = config.get("model_cfg", config) if isinstance(config, dict) else config
     if not isinstance(config, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(config):
         raise ValueError(f"--open_clip_config {path} is not an open_clip model config (embed_dim, vision_cfg, ...).")
+    for section in ("vision_cfg", "text_cfg"):
+        if not isinstance(config[section], dict):
+            raise ValueError(f"{path}: {section}={config[section]!r}; expected a JSON object of options.")
     _check_section(config, _NEUTRAL_TOP, _FREE_TOP, "", path)
     _check_section(config["vision_cfg"], _NEUTRAL_VISION, _FREE_VISION, "vision_cfg.", path)
     _check_section(config["text_cfg"], _NEUTRAL_TEXT, _FREE_TEXT, "text_cfg.", path)
@@ -362,14 +381,41 @@ def read_open_clip_config(path: str | Path) -> dict[str, Any]:
     for name in ("image_size", "patch_size"):
         if name in config["vision_cfg"]:
             config["vision_cfg"][name] = _square_size(config["vision_cfg"][name], f"vision_cfg.{name}", path)
+    _check_numbers(config, path)
     return config
+
+
+_COUNTS = {  # options that must be ints >= the minimum
+    "vision_cfg": {"width": 1, "head_width": 1, "layers": 1},
+    "text_cfg": {"width": 1, "heads": 1, "layers": 1, "context_length": 1, "vocab_size": 1, "eos_id": 0, "pad_id": 0},
+}
+
+
+def _check_numbers(config: dict[str, Any], path: Path) -> None:
+    """Refuse sizes, head counts, token ids and layer-norm eps that no model can have, naming the option."""
+    checks = [("embed_dim", config["embed_dim"], _is_int(config["embed_dim"], 1), "an int >= 1")]
+    for section, minimums in _COUNTS.items():
+        for name, minimum in minimums.items():
+            if name in config[section]:
+                value = config[section][name]
+                checks.append((f"{section}.{name}", value, _is_int(value, minimum), f"an int >= {minimum}"))
+        norm = config[section].get("norm_kwargs")
+        if norm is not None and not isinstance(norm, dict):
+            checks.append((f"{section}.norm_kwargs", norm, False, "a JSON object"))
+        elif norm and "eps" in norm:
+            checks.append(
+                (f"{section}.norm_kwargs.eps", norm["eps"], _is_positive_number(norm["eps"]), "a number > 0")
+            )
+    for name, value, valid, expected in checks:
+        if not valid:
+            raise ValueError(f"{path}: {name}={value!r}; expected {expected}.")
 
 
 def _square_size(value: Any, name: str, path: Path) -> int:
     """An open_clip size (an int, or a ``[height, width]`` pair) as the one int CLIP takes; refuse the rest."""
     if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value, 1):
         raise ValueError(f"{path}: {name}={value!r}: only a positive int (a square size) converts to CLIP.")
     return value
 

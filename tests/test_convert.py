@@ -297,11 +297,17 @@ def open_clip_file(glip_dir, tmp_path):
         ({"vision_cfg": {"patch_dropout": "0.5"}}, "bad.json: vision_cfg.patch_dropout='0.5'; expected a number"),
         ({"vision_cfg": {"normal_masking": "yes"}}, "bad.json: vision_cfg.normal_masking='yes'; expected true or"),
         ({"vision_cfg": {"normal_masking": 1}}, "bad.json: vision_cfg.normal_masking=1; expected true or false"),
+        ({"vision_cfg": {"head_width": 0}}, "bad.json: vision_cfg.head_width=0; expected an int >= 1"),
+        ({"vision_cfg": "oops"}, "bad.json: vision_cfg='oops'; expected a JSON object"),
+        ({"text_cfg": {"pool_type": "eos", "eos_id": "x"}}, "bad.json: text_cfg.eos_id='x'; expected an int >= 0"),
+        ({"text_cfg": {"pad_id": -1}}, "bad.json: text_cfg.pad_id=-1; expected an int >= 0"),
+        ({"text_cfg": {"norm_kwargs": {"eps": -1}}}, "bad.json: text_cfg.norm_kwargs.eps=-1; expected a number > 0"),
     ],
     ids=[
         *("avg_pool", "no_ln_pre", "no_causal_mask", "last_pool", "hf_text", "timm_image", "unknown", "size_mismatch"),
         *("non_square_image", "non_square_patch", "string_image_size", "patch_dropout_one", "patch_dropout_string"),
-        *("normal_masking_string", "normal_masking_int"),
+        *("normal_masking_string", "normal_masking_int", "head_width_zero", "vision_cfg_string", "eos_id_string"),
+        *("pad_id_negative", "eps_negative"),
     ],
 )
 def test_open_clip_config_options_without_a_clip_equivalent_are_refused(
@@ -440,6 +446,25 @@ def test_missing_files_and_existing_outputs_are_one_line(capsys, glip_dir, tmp_p
     (tmp_path / "x.pt").write_bytes(b"")
     line = one_line_error(capsys, "to-open-clip", str(glip_dir), "--out", str(tmp_path / "x.pt"))
     assert "already exists" in line and "--overwrite" in line
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--vision_heads", "-2"], "vision_heads=-2: expected an int >= 1"),
+        (["--vision_heads", "0"], "vision_heads=0: expected an int >= 1"),
+        (["--text_heads", "0"], "text_heads=0: expected an int >= 1"),
+        (["--layer_norm_eps", "nan"], "layer_norm_eps=nan: expected a finite number > 0"),
+        (["--layer_norm_eps", "-1"], "layer_norm_eps=-1.0: expected a finite number > 0"),
+        (["--eos_token_id", "-5"], "eos_token_id=-5: expected an int >= 0"),
+    ],
+)
+def test_settings_no_model_can_have_are_one_line(capsys, glip_dir, tmp_path, flags, expected):
+    """They used to convert: 0 heads fell back to 1, -2 wrote a model that could not load, a NaN eps gave NaNs."""
+    checkpoint, _ = to_open_clip(glip_dir, tmp_path / "model.pt")
+    line = one_line_error(capsys, "from-open-clip", str(checkpoint), "--out", str(tmp_path / "o"), *flags)
+    assert expected in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_no_output_path_replaces_a_users_file_without_overwrite(capsys, glip_dir, tmp_path):
