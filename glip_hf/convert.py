@@ -750,6 +750,7 @@ def from_open_clip(
     state_dict = load_open_clip_state_dict(path)
     resolved = resolve_open_clip_config(state_dict, path, open_clip_config, settings)
     model = open_clip_to_glip(state_dict, resolved, path, **masking)
+    _check_processor_pooling(loaded_processor, model.config.text_config, processor)
     if flavour == "clip":
         export_to_clip(model, out, processor=loaded_processor)
     else:
@@ -757,6 +758,26 @@ def from_open_clip(
         if loaded_processor is not None:
             loaded_processor.save_pretrained(out)
     return model
+
+
+def _check_processor_pooling(processor, text_config, name: str | Path | None) -> None:
+    """Refuse a processor whose tokenizer ends texts with a token the converted text tower does not pool at (every
+    text would embed alike: a pipeline scores each label 1 / n)."""
+    from .tokenization import pooling_matches
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer is None or not hasattr(tokenizer, "eos_token_id") or pooling_matches(text_config, tokenizer):
+        return
+    pools = (
+        "argmax(token ids)"
+        if text_config.eos_token_id == ARGMAX_EOS_TOKEN_ID
+        else f"the first token {text_config.eos_token_id}"
+    )
+    raise ValueError(
+        f"--processor {name}: its tokenizer ends texts with id {tokenizer.eos_token_id}, but the converted text tower "
+        f"pools at {pools}; pass --eos_token_id {tokenizer.eos_token_id} (open_clip's pool_type eos) if the model was "
+        "trained with this tokenizer, else the processor it was trained with."
+    )
 
 
 def _load_processor(name: str | Path | None):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import TEXT_LEN, open_clip_python, tiny_config
 from safetensors.torch import load_file, save_file
-from transformers import CLIPModel
+from transformers import AutoTokenizer, CLIPModel
 
 from glip_hf import GLIPConfig, GLIPModel, export_to_clip
 from glip_hf.cli import run_cli
@@ -465,6 +465,22 @@ def test_settings_no_model_can_have_are_one_line(capsys, glip_dir, tmp_path, fla
     line = one_line_error(capsys, "from-open-clip", str(checkpoint), "--out", str(tmp_path / "o"), *flags)
     assert expected in line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_processor_goes_beside_the_model_only_if_the_text_tower_pools_at_its_end_token(
+    capsys, glip_dir, tmp_path, tokenizer
+):
+    """Argmax pooling with a tokenizer whose end-of-text is not its largest id embedded every text alike (a pipeline
+    scored each label 1/n); with the pooling the model trained with, the processor is saved and serves."""
+    checkpoint, config = to_open_clip(glip_dir, tmp_path / "model.pt")
+    tokenizer.save_pretrained(tmp_path / "processor")
+    assert tokenizer.eos_token_id == 1  # the model (hf_config) pools at the first id 1: open_clip's pool_type eos
+    source = ("from-open-clip", str(checkpoint), "--processor", str(tmp_path / "processor"))
+    line = one_line_error(capsys, *source, "--out", str(tmp_path / "argmax"))
+    assert "its tokenizer ends texts with id 1, but the converted text tower pools at argmax(token ids)" in line
+    assert "--eos_token_id 1" in line and not (tmp_path / "argmax").exists()
+    convert(*source, "--out", str(tmp_path / "eos"), "--open_clip_config", str(config))
+    assert AutoTokenizer.from_pretrained(tmp_path / "eos").eos_token_id == 1
 
 
 def test_no_output_path_replaces_a_users_file_without_overwrite(capsys, glip_dir, tmp_path):
