@@ -51,7 +51,9 @@ class ModelArguments:
     text_intermediate_size: int = 2048
     max_text_length: int = 77
     projection_dim: int = 512
-    mask_ratio: float | None = field(default=None, metadata={"help": "patches dropped in training; None = config's"})
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "patches dropped in training; None: init_from's own, else GLIPConfig's (0.5)"}
+    )
     mask_strategy: str | None = field(default=None, metadata={"help": "gaussian (GLIP) or random (FLIP)"})
     mask_sigma: float | None = field(default=None, metadata={"help": "GLIP sigma (covariance diagonal)"})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa or eager"})

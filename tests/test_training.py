@@ -38,7 +38,10 @@ def run(tmp_path: Path, *flags: str, config: Path = CONFIGS / "default.yaml"):
 
 def test_yaml_then_cli_overrides_and_errors(tmp_path):
     model, data, training = parse_run_args(["--config", str(CONFIGS / "default.yaml"), "--learning_rate", "0.5"])
-    assert model.mask_ratio == 0.5 and model.mask_strategy == "gaussian" and model.image_size == 48
+    assert model.image_size == 48 and model.vision_layers == 4  # the YAML's, not the dataclass defaults (224, 12)
+    assert model.mask_ratio is None and model.mask_strategy is None  # it sets none: the model's own masking
+    recipe = parse_run_args(["--config", str(CONFIGS / "glip_vitb16_92.yaml"), "--mask_sigma", "0.8"])[0]
+    assert (recipe.mask_ratio, recipe.mask_strategy, recipe.mask_sigma) == (0.918, "gaussian", 0.8)
     assert training.learning_rate == 0.5 and data.dataset_name is None
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  learnin_rate: 0.1\n")
@@ -437,6 +440,21 @@ def test_a_tokenizer_that_does_not_end_texts_with_its_eos_is_rejected(template, 
     with pytest.raises(ValueError, match="end-of-text"):
         build_model(_model_args(), _word_level_tokenizer(template, eos))
     build_model(_model_args(), _word_level_tokenizer("<s> $A </s>", "</s>"))  # the same words, ended right
+
+
+def test_init_from_with_the_built_in_run_keeps_the_checkpoints_masking(tmp_path, tokenizer):
+    """The built-in run sets no masking: from scratch it is GLIPConfig's (Gaussian 0.5, sigma 0.2); from a
+    checkpoint (a FLIP model converted from open_clip, say) the checkpoint's own, unless a flag overrides it."""
+    from glip_hf.training import build_model
+
+    assert _model_args().mask_ratio is None
+    scratch = build_model(_model_args(), tokenizer).config
+    assert (scratch.mask_ratio, scratch.mask_strategy, scratch.mask_sigma) == (0.5, "gaussian", 0.2)
+    GLIPModel(tiny_config(tokenizer, mask_ratio=0.75, mask_strategy="random")).save_pretrained(tmp_path / "flip")
+    kept = build_model(_model_args("--init_from", str(tmp_path / "flip")), tokenizer).config
+    assert (kept.mask_ratio, kept.mask_strategy) == (0.75, "random")
+    changed = build_model(_model_args("--init_from", str(tmp_path / "flip"), "--mask_ratio", "0.5"), tokenizer).config
+    assert (changed.mask_ratio, changed.mask_strategy) == (0.5, "random")
 
 
 def test_a_tokenizer_whose_eos_is_2_is_rejected():
