@@ -99,6 +99,14 @@ def check_init_from(name_or_path: str) -> None:
         )
 
 
+def describe_masking(vision_config) -> str:
+    """The masking a run trains with, for its log (the run config says None where it is the model's own)."""
+    if vision_config.mask_ratio == 0:
+        return "none (mask_ratio 0)"
+    sigma = f", sigma {vision_config.mask_sigma}" * (vision_config.mask_strategy == "gaussian")
+    return f"{vision_config.mask_strategy}, mask_ratio {vision_config.mask_ratio}{sigma}"
+
+
 def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
     """A fresh GLIP of the requested size, or ``init_from`` (any CLIP or GLIP checkpoint) with masking overrides.
 
@@ -230,6 +238,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         accelerator.print(f"resume_from_checkpoint=auto: no checkpoint in {output_dir} yet; starting from scratch.")
     tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
     model = build_model(model_args, tokenizer)
+    accelerator.print(f"Training masking: {describe_masking(model.config.vision_config)}")
     # Saved with the model, the tokenizer cuts texts where training does (its own stated limit may be another).
     tokenizer.model_max_length = text_context(model_args, model.config)
     image_processor = make_image_processor(

@@ -457,6 +457,18 @@ def test_init_from_with_the_built_in_run_keeps_the_checkpoints_masking(tmp_path,
     assert (changed.mask_ratio, changed.mask_strategy) == (0.5, "random")
 
 
+def test_a_run_from_a_flip_checkpoint_trains_and_says_with_its_masking(tmp_path, capsys):
+    """The run config prints mask_ratio: null (the model's own); the log says what that is, and the run trains and
+    saves the checkpoint's masking."""
+    config = tiny_config(mask_ratio=0.75, mask_strategy="random")
+    config.text_config.vocab_size = 700
+    GLIPModel(config).save_pretrained(tmp_path / "flip")
+    result = run(tmp_path, "--init_from", str(tmp_path / "flip"), "--tokenizer_vocab_size", "600", "--max_steps", "1")
+    assert "Training masking: random, mask_ratio 0.75\n" in capsys.readouterr().out
+    saved = GLIPModel.from_pretrained(result.output_dir).config
+    assert (saved.mask_ratio, saved.mask_strategy) == (0.75, "random")
+
+
 def test_a_tokenizer_whose_eos_is_2_is_rejected():
     from glip_hf.training import build_model
 
