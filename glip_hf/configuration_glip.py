@@ -20,7 +20,7 @@ MASKING_FIELDS = ("mask_ratio", "mask_strategy", "mask_sigma")
 def _check_mask_ratio(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"mask_ratio must be a float with 0 <= mask_ratio < 1, got {value!r}.")
-    return float(value)
+    return float(value) + 0.0  # -0.0 is 0.0 (it passes the check, and would be saved and printed as "-0.0")
 
 
 def _check_mask_strategy(value: Any) -> str:

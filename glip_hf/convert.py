@@ -43,6 +43,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -791,6 +792,24 @@ def _load_processor(name: str | Path | None):
         raise ValueError(f"--processor {name}: no transformers processor there ({error}).") from error
 
 
+class UnexportedMaskingWarning(UserWarning):
+    """`to_open_clip` wrote a GLIP model with Gaussian masking, which no stock open_clip config can hold."""
+
+    def __init__(self, model_dir: Path, notice: str):
+        super().__init__(f"to_open_clip({str(model_dir)!r}): {notice}.")
+        self.notice = notice
+
+
+def _unwritten_masking(model_type: str, config: GLIPConfig) -> str:
+    """What to say of a GLIP model's Gaussian masking, which no open_clip config can hold ("" if nothing to say)."""
+    if model_type != "glip" or config.mask_strategy != "gaussian" or config.mask_ratio == 0:
+        return ""  # a CLIP directory has no masking (loaded as GLIP it shows GLIPConfig's defaults)
+    return (
+        f"its Gaussian masking, ratio {config.mask_ratio}, has no stock open_clip equivalent and is not in the "
+        "config: open_clip trains it unmasked unless you set vision_cfg.patch_dropout, which is uniform masking"
+    )
+
+
 def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path | None = None) -> tuple[Path, Path]:
     """Write a GLIP / CLIP directory as an open_clip state dict (``.pt``, or ``.safetensors``) and model config JSON.
 
@@ -798,6 +817,9 @@ def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path 
     ids) is saved beside the checkpoint as ``<checkpoint stem>-tokenizer/`` and named in the config's
     ``text_cfg.hf_tokenizer_name`` (its absolute path), so that ``open_clip.get_tokenizer(config.stem)`` feeds the
     model the ids it was trained on.
+
+    A GLIP model's random masking is written as ``vision_cfg.patch_dropout``; its Gaussian masking has no stock
+    open_clip equivalent, so it is left out and an `UnexportedMaskingWarning` says so.
 
     Returns:
         ``(checkpoint, config)``: ``open_clip.add_model_config(config)`` then
@@ -835,6 +857,9 @@ def to_open_clip(model_dir: str | Path, out: str | Path, config_out: str | Path 
         tokenizer.save_pretrained(tokenizer_dir)
         open_clip_config["text_cfg"]["hf_tokenizer_name"] = str(tokenizer_dir.resolve())
     config_out.write_text(json.dumps(open_clip_config, indent=2) + "\n")
+    notice = _unwritten_masking(model_type, model.config)
+    if notice:
+        warnings.warn(UnexportedMaskingWarning(model_dir, notice), stacklevel=2)
     return out, config_out
 
 
@@ -909,28 +934,21 @@ def main(argv: list[str]) -> None:
         _refuse_overwrite(
             config_out, args.overwrite, is_dir=False, flag="--config_out" if args.config_out else "the config"
         )
-        checkpoint, config = to_open_clip(args.model_dir, out, args.config_out)
+        with warnings.catch_warnings(record=True) as caught:  # said once, in the summary line
+            warnings.simplefilter("always", UnexportedMaskingWarning)
+            checkpoint, config = to_open_clip(args.model_dir, out, args.config_out)
+        for warning in caught:
+            if not issubclass(warning.category, UnexportedMaskingWarning):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        notices = [w.message.notice for w in caught if issubclass(w.category, UnexportedMaskingWarning)]
         tokenizer = json.loads(config.read_text())["text_cfg"].get("hf_tokenizer_name")
         print(
             f"wrote {checkpoint} and {config}"
             + (f" and the model's tokenizer to {tokenizer}" if tokenizer else "")
-            + _unwritten_masking(Path(args.model_dir))
+            + "".join(f" ({notice})" for notice in notices)
             + f"; in open_clip: add_model_config({str(config)!r}); create_model({config.stem!r}, "
             f"pretrained={str(checkpoint)!r})" + (f"; get_tokenizer({config.stem!r})" if tokenizer else "")
         )
-
-
-def _unwritten_masking(model_dir: Path) -> str:
-    """What to-open-clip says of a GLIP model's Gaussian masking, which no open_clip config can hold ("" if none)."""
-    if json.loads((model_dir / "config.json").read_text()).get("model_type") != "glip":
-        return ""  # a CLIP model has no masking
-    config = GLIPConfig.from_pretrained(model_dir)
-    if config.mask_strategy != "gaussian" or config.mask_ratio == 0:
-        return ""
-    return (
-        f" (its Gaussian masking, ratio {config.mask_ratio}, has no stock open_clip equivalent and is not in the "
-        "config: open_clip trains it unmasked unless you set vision_cfg.patch_dropout, which is uniform masking)"
-    )
 
 
 def _summary(config, flavour: str, out: str) -> str:

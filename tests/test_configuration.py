@@ -20,6 +20,13 @@ def test_defaults_are_the_papers():
     assert (vision.mask_ratio, vision.mask_strategy, vision.mask_sigma) == (0.5, "gaussian", 0.2)
 
 
+def test_negative_zero_mask_ratio_is_stored_and_printed_as_zero(tmp_path):
+    config = GLIPConfig(mask_ratio=-0.0)
+    assert str(config.mask_ratio) == "0.0" and str(config.vision_config.mask_ratio) == "0.0"
+    config.save_pretrained(tmp_path)
+    assert '"mask_ratio": 0.0' in (tmp_path / "config.json").read_text()
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

@@ -9,6 +9,7 @@ these tests skip locally and fail under CI (``CI`` set). The other tests need no
 
 import json
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from glip_hf.cli import run_cli
 from glip_hf.convert import (
     PROG,
     OpenCLIPSettings,
+    UnexportedMaskingWarning,
     hf_to_open_clip_config,
     infer_open_clip_config,
     load_open_clip_state_dict,
@@ -381,9 +383,24 @@ def test_random_masking_goes_to_open_clip_as_patch_dropout_and_comes_back(tmp_pa
 
 
 def test_gaussian_masking_is_not_written_for_open_clip_and_the_command_says_so(glip_dir, tmp_path, capsys):
-    convert("to-open-clip", str(glip_dir), "--out", str(tmp_path / "m.pt"))
-    assert "(its Gaussian masking, ratio 0.25, has no stock open_clip equivalent" in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        convert("to-open-clip", str(glip_dir), "--out", str(tmp_path / "m.pt"))
+    out = capsys.readouterr().out
+    assert out.count("(its Gaussian masking, ratio 0.25, has no stock open_clip equivalent") == 1
+    assert not [w for w in caught if issubclass(w.category, UnexportedMaskingWarning)], "said once, in the line"
     assert "patch_dropout" not in json.loads((tmp_path / "m.json").read_text())["vision_cfg"]
+
+
+def test_the_python_function_warns_of_gaussian_masking_it_cannot_write(glip_dir, tmp_path):
+    with pytest.warns(UnexportedMaskingWarning, match=r"Gaussian masking, ratio 0.25, has no stock open_clip"):
+        to_open_clip(glip_dir, tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnexportedMaskingWarning)
+        export_to_clip(GLIPModel.from_pretrained(glip_dir), tmp_path / "clip")
+        to_open_clip(tmp_path / "clip", tmp_path / "clip.pt")  # a CLIP directory has no masking to lose
+        random_glip(flip_config()).save_pretrained(tmp_path / "flip")
+        to_open_clip(tmp_path / "flip", tmp_path / "flip.pt")  # random masking is written as patch_dropout
 
 
 def test_to_open_clip_converts_a_clip_directory_from_the_command_line(tmp_path, capsys):
