@@ -29,9 +29,18 @@ def _check_mask_strategy(value: Any) -> str:
     return value
 
 
+# The prior is computed in float32: a smaller sigma rounds to 0 or a subnormal there, and the prior to NaN (0 / 0).
+MIN_MASK_SIGMA = 1.2e-38  # float32's smallest normal number is 1.18e-38
+
+
 def _check_mask_sigma(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"mask_sigma must be a finite float > 0 (the paper uses 0.1, 0.2, 0.8), got {value!r}.")
+    if value < MIN_MASK_SIGMA:
+        raise ValueError(
+            f"mask_sigma must be at least {MIN_MASK_SIGMA} (the prior is computed in float32), got {value!r}; "
+            "the paper uses 0.1, 0.2, 0.8."
+        )
     return float(value)
 
 

@@ -38,6 +38,7 @@ def test_negative_zero_mask_ratio_is_stored_and_printed_as_zero(tmp_path):
         ("mask_sigma", 0.0),
         ("mask_sigma", -1.0),
         ("mask_sigma", float("inf")),
+        ("mask_sigma", 1e-300),  # 0 in float32, where the prior is computed: NaN priors, one mask for every image
     ],
 )
 def test_bad_values_raise_value_error_naming_field_and_value(field, value):

@@ -135,6 +135,14 @@ def test_bad_arguments_raise():
         sample_keep_indices(2, 14, 0.5, strategy="uniform")
     with pytest.raises(ValueError, match="sigma"):
         gaussian_prior(14, 0.0)
+    for sigma in (1e-300, 1e-40, float("nan")):  # 0 or subnormal in float32: the prior was all NaN, one mask for all
+        with pytest.raises(ValueError, match="sigma must be at least"):
+            gaussian_prior(14, sigma)
+
+
+def test_the_smallest_sigma_allowed_still_draws_a_mask_per_image():
+    keep = sample_keep_indices(64, 14, 0.75, sigma=1.2e-38, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(row.tolist()) for row in keep}) > 1  # the prior underflows to 0 everywhere: uniform draws
 
 
 def test_mask_figure_renders(tmp_path):
@@ -144,6 +152,15 @@ def test_mask_figure_renders(tmp_path):
     from PIL import Image
 
     assert Image.open(path).size[0] > 400
+
+
+def test_mask_figure_of_an_image_not_a_multiple_of_the_patch(tmp_path, capsys):
+    """The model ignores the pixels beyond the patch grid (CLIP accepts such sizes, and --init_from trains them); the
+    picture showed them and failed to multiply a 16 px mask with an 18 px image."""
+    path = render_mask_figure(torch.rand(3, 18, 18), tmp_path / "masks.png", patch_size=4, num_samples=8)
+    assert path.is_file()
+    code, out, _ = _mask_cli(capsys, "--image_size", "18", "--patch_size", "4", "--out", str(tmp_path / "cli.png"))
+    assert code == 0 and (tmp_path / "cli.png").is_file(), out
 
 
 def _mask_cli(capsys, *flags: str) -> tuple[int, str, str]:

@@ -137,9 +137,13 @@ def _render(module: _Module, statements: list[ast.stmt], flat_names: dict[str, s
     for node in _relative_imports(statements):
         row = node.lineno - 1
         lines[row] = _RELATIVE_FROM.sub(f"from .{flat_names[_resolve(module, node)]} import", lines[row], count=1)
+    if module.needed is None:  # copied whole: comments between statements included
+        return "\n".join(lines) + "\n"
     text, previous = "", None
     for node in statements:
         start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        while start > 1 and lines[start - 2].lstrip().startswith("#"):  # the comment block right above it
+            start -= 1
         if previous is not None and start > previous.end_lineno + 1:  # statements apart in the source stay apart
             text += "\n\n" if isinstance(node, _BLOCKS) or isinstance(previous, _BLOCKS) else "\n"
         text += "\n".join(lines[start - 1 : node.end_lineno]) + "\n"

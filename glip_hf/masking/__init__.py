@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..configuration_glip import MASK_STRATEGIES
+from ..configuration_glip import MASK_STRATEGIES, MIN_MASK_SIGMA
 
 GridSize = int | tuple[int, int]
 
@@ -53,8 +53,8 @@ def gaussian_prior(
     Returns:
         Tensor of shape ``(H, W)``. Not normalised over the grid: it is the pdf value, as in the reference code.
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}.")
+    if not sigma >= MIN_MASK_SIGMA:  # also NaN
+        raise ValueError(f"sigma must be at least {MIN_MASK_SIGMA} (the prior is computed in float32), got {sigma!r}.")
     height, width = grid_hw(grid_size)
     ys = torch.linspace(-1.0, 1.0, height, device=device, dtype=dtype)
     xs = torch.linspace(-1.0, 1.0, width, device=device, dtype=dtype)
@@ -196,6 +196,7 @@ def render_mask_figure(
         gaussian_prior(1, sigma)  # a bad sigma or mask_ratio is an error before the picture is drawn
     num_kept_patches(1, mask_ratio)
     grid = (height // patch_size, width // patch_size)
+    image = image[:, : grid[0] * patch_size, : grid[1] * patch_size]  # the patch grid's pixels: the model sees no more
     columns = [("random", 0.2, "random (FLIP)")] + [("gaussian", s, f"Gaussian, sigma={s}") for s in sigmas]
     generator = torch.Generator().manual_seed(seed)
     fig, axes = plt.subplots(2, len(columns), figsize=(3.2 * len(columns), 6.6), squeeze=False)
