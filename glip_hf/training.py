@@ -99,6 +99,33 @@ def check_init_from(name_or_path: str) -> None:
         )
 
 
+def initial_masking(init_from: str | None) -> dict[str, Any] | None:
+    """The patch masking ``init_from``'s weights were pre-trained with, recorded in ``train_summary.json`` so that a
+    run tuning them unmasked (``configs/unmasked_tuning_vitb16.yaml``) is not published as plain CLIP pre-training.
+
+    A GLIP checkpoint's config holds the masking its run trained with; one whose config has ``mask_ratio`` 0 (itself
+    an unmasked run) passes on what its own ``train_summary.json`` recorded. None: no ``init_from``, a CLIP
+    checkpoint, or nothing recorded.
+
+    Returns:
+        ``{"init_from", "mask_ratio", "mask_strategy", "mask_sigma"}`` (``init_from``: the checkpoint masked with it).
+    """
+    from transformers import PretrainedConfig
+
+    if not init_from or PretrainedConfig.get_config_dict(init_from)[0].get("model_type") != "glip":
+        return None
+    config = GLIPConfig.from_pretrained(init_from)
+    if config.mask_ratio > 0:
+        fields = {name: getattr(config, name) for name in MASKING_FIELDS}
+        return {"init_from": init_from, **fields}
+    summary = Path(init_from) / "train_summary.json"
+    try:
+        recorded = json.loads(summary.read_text()).get("init_masking") if summary.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None  # an unreadable record: nothing known
+    return recorded if isinstance(recorded, dict) else None
+
+
 def describe_masking(vision_config) -> str:
     """The masking a run trains with, for its log (the run config says None where it is the model's own)."""
     if vision_config.mask_ratio == 0:
@@ -309,6 +336,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         run_config,
         image_processor,
         HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
+        initial_masking(model_args.init_from),
     )
     del model, optimizer, scheduler  # `run` is their one owner, so that `_end` can release the wrapped model
     metrics = _train_loop(run, data.batches(progress))
@@ -356,6 +384,7 @@ class _Run:
     config: dict[str, Any] = field(default_factory=dict)  # the flat run config, saved into every checkpoint
     image_processor: Any = None  # saved with the model when a checkpoint is pushed to the Hub
     pusher: HubPusher | None = None  # --push_to_hub, on the main process
+    init_masking: dict[str, Any] | None = None  # what init_from was pre-trained with (initial_masking)
 
     @property
     def total_steps(self) -> int:
@@ -534,8 +563,11 @@ def _log(run: _Run, metrics: MetricsLog, bar, losses, images: int, seconds: floa
     )
 
 
-def run_summary(progress: TrainingProgress, accelerator: Accelerator, main_steps: int) -> dict[str, Any]:
-    """What ``train_summary.json`` records of a run (also each Hub snapshot's): steps and what was skipped."""
+def run_summary(
+    progress: TrainingProgress, accelerator: Accelerator, main_steps: int, init_masking: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What ``train_summary.json`` records of a run (also each Hub snapshot's): steps, what was skipped, and the
+    masking the initial checkpoint was pre-trained with ([`initial_masking`])."""
     return {
         "steps": progress.step,
         "main_steps": main_steps,  # the masked stage; unmasked tuning, if any, follows
@@ -545,6 +577,7 @@ def run_summary(progress: TrainingProgress, accelerator: Accelerator, main_steps
         "nonfinite_steps": progress.nonfinite_steps,
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
+        "init_masking": init_masking,
     }
 
 
@@ -588,7 +621,7 @@ class HubPusher:
         run.unwrapped.save_pretrained(snapshot, state_dict=state)  # now, in this thread: the weights of this step
         save_processor(snapshot, run.tokenizer, run.image_processor)
         (snapshot / "run_config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
-        summary = {**run_summary(run.progress, run.accelerator, run.main_steps), "snapshot": True}
+        summary = {**run_summary(run.progress, run.accelerator, run.main_steps, run.init_masking), "snapshot": True}
         (snapshot / "train_summary.json").write_text(json.dumps(summary, indent=1))
         self.push(snapshot, f"Checkpoint at step {run.progress.step}", cleanup=tmp.cleanup)
 
@@ -679,7 +712,10 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
             model, tokenizer, image_processor, held_out, data_args, training_args, accelerator
         )
     if accelerator.is_main_process:
-        summary = {**run_summary(progress, accelerator, main_steps), "held_out_zero_shot": eval_metrics}
+        summary = {
+            **run_summary(progress, accelerator, main_steps, run.init_masking),
+            "held_out_zero_shot": eval_metrics,
+        }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(
             f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}; "

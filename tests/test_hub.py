@@ -511,3 +511,89 @@ def test_the_default_repo_id_is_a_valid_hub_name(folder, repo_id, tmp_path):
     # a run folder named "run one" put "your-username/run one" in the card's snippet and model-index
     assert default_repo_id(tmp_path / folder) == f"your-username/{repo_id}"
     validate_repo_id(default_repo_id(tmp_path / folder))  # huggingface_hub's own check of a repo id
+
+
+def test_card_of_an_unmasked_tuning_run_names_the_masked_pre_training(run_dir, tmp_path):
+    """configs/unmasked_tuning_vitb16.yaml's way: a run of its own, --init_from a masked GLIP run, --mask_ratio 0. Its
+    config says mask_ratio 0; its card called the model plain CLIP pre-training. train_summary.json now records what
+    the initial checkpoint was masked with, passed on when a tuned model is tuned again."""
+    from glip_hf.hub.card import read_run
+    from glip_hf.training import initial_masking
+
+    masked = {"init_from": str(run_dir), "mask_ratio": 0.5, "mask_strategy": "gaussian", "mask_sigma": 0.2}
+    tuned = tmp_path / "tuned"
+    flags = ["--init_from", str(run_dir), "--mask_ratio", "0", "--max_steps", "1", "--unmasked_tuning_steps", "0"]
+    train(
+        *parse_run_args(
+            [
+                "--config",
+                str(CONFIGS / "default.yaml"),
+                *TINY,
+                "--cache_dir",
+                str(tmp_path),
+                *flags,
+                "--output_dir",
+                str(tuned),
+            ]
+        )
+    )
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert json.loads((tuned / "config.json").read_text())["vision_config"]["mask_ratio"] == 0
+    assert json.loads((tuned / "train_summary.json").read_text())["init_masking"] == masked
+    assert initial_masking(str(tuned)) == masked  # tuning the tuned model again keeps the original record
+
+    text, tags = _card_text(read_run(tuned), flavour="glip")
+    assert "gaussian-masking" in tags and "**GLIP**, Gaussian masking" in text
+    assert "plain **CLIP**" not in text and "plain CLIP pre-training" not in text
+    assert _row(text, "patch masking").startswith(
+        "none in this run (mask_ratio 0); its initial checkpoint `<local>/run` was pre-trained with Gaussian (GLIP), "
+        "mask_ratio 0.5, sigma 0.2"
+    )
+    assert _row(text, "unmasked tuning") == (
+        "this whole run: 1 step with masking off, learning rate 0.002, from `<local>/run`"
+    ), _row(text, "unmasked tuning")
+    assert "tuned with masking off (the paper's unmasked tuning)" in text
+    assert "this checkpoint's config has mask_ratio 0" in usage_snippet(text).lower()
+    folder = glip_hf.hub.prepare_folder(tuned, tmp_path / "published", "glip", repo_id=REPO_ID)
+    assert (folder / "README.md").is_file() and list(folder.glob("*.png"))  # the mask picture of the pre-training
+
+    # Without the record (a run before this change): not called plain CLIP pre-training either.
+    from dataclasses import replace
+
+    record = read_run(tuned)
+    text, tags = _card_text(replace(record, summary={k: v for k, v in record.summary.items() if k != "init_masking"}))
+    assert "plain CLIP pre-training" not in _row(text, "patch masking") and "gaussian-masking" not in tags
+    assert "was not recorded" in _row(text, "patch masking")
+
+
+def test_initial_masking_of_clip_and_unrecorded_checkpoints(run_dir, tmp_path):
+    from glip_hf.training import initial_masking
+
+    assert initial_masking(None) is None
+    glip_hf.export_to_clip(GLIPModel.from_pretrained(run_dir), tmp_path / "clip")
+    assert initial_masking(str(tmp_path / "clip")) is None  # a CLIP checkpoint records no masking
+    model = GLIPModel.from_pretrained(run_dir, mask_ratio=0.0)
+    model.save_pretrained(tmp_path / "unmasked")
+    assert initial_masking(str(tmp_path / "unmasked")) is None  # no train_summary.json: nothing known
+    (tmp_path / "unmasked" / "train_summary.json").write_text("{not json")
+    assert initial_masking(str(tmp_path / "unmasked")) is None
+
+
+def test_masked_inference_at_ratios_that_round_alike_are_two_columns(run_dir, tmp_path):
+    """0.918 and 0.9184 were accepted as two results but shared one column label ("91.8%"), which showed one value
+    under both headers."""
+    from glip_hf.hub.card import evaluation_table, read_run
+
+    base = {"task": "zeroshot_classification", "split": "test", "mask_strategy": "gaussian", "mask_sigma": 0.2}
+    results = [
+        {**base, "mask_ratio": 0.918, "metrics": {"top1": 0.25}},
+        {**base, "mask_ratio": 0.9184, "metrics": {"top1": 0.5}},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    evaluations = [e for e in read_run(run_dir, [tmp_path / "results.json"]).evaluations if e.mask_ratio > 0]
+    header, rows = evaluation_table(evaluations)
+    assert header[-2:] == [
+        "masked inference: 91.8% gaussian sigma 0.2, 1 draws",
+        "masked inference: 91.84% gaussian sigma 0.2, 1 draws",
+    ]
+    assert [row[-2:] for row in rows] == [["0.250", "0.500"]]

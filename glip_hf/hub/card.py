@@ -86,8 +86,9 @@ def dataset_label(dataset: str, data_dir: str | None = None, data_files: str | l
 
 
 def percent(ratio: float) -> str:
-    """``0.5`` -> ``"50%"``, ``0.918`` -> ``"91.8%"``."""
-    return f"{ratio * 100:.1f}".removesuffix(".0") + "%"
+    """``0.5`` -> ``"50%"``, ``0.918`` -> ``"91.8%"``, ``0.9184`` -> ``"91.84%"``: as many decimals as the ratio has
+    (up to 6), so that two ratios the card shows apart never read alike."""
+    return f"{ratio * 100:.6f}".rstrip("0").removesuffix(".") + "%"
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,11 @@ class Evaluation:
     def masking(self) -> str:
         """The masked inference's settings, ``gaussian`` or ``gaussian sigma 0.8`` when the sigma is recorded."""
         return f"{self.mask_strategy}" + (f" sigma {self.mask_sigma}" if self.mask_sigma is not None else "")
+
+    @property
+    def column(self) -> tuple[float, str, int]:
+        """The card table's column: the exact mask ratio, masking and draws (one column for every unmasked result)."""
+        return (self.mask_ratio, self.masking, self.mask_draws) if self.mask_ratio else (0.0, "", 0)
 
     @property
     def inference(self) -> str:
@@ -136,6 +142,25 @@ class RunRecord:
         (run_config.yaml says None where the run kept the initial checkpoint's values)."""
         vision = self.model_config["vision_config"]
         return float(vision["mask_ratio"]), vision["mask_strategy"], float(vision["mask_sigma"])
+
+    @property
+    def tuned_from(self) -> dict[str, Any] | None:
+        """When this run trained the weights unmasked from a masked checkpoint (the paper's unmasked tuning as a run
+        of its own, ``configs/unmasked_tuning_vitb16.yaml``): that checkpoint's masking as train_summary.json
+        recorded it (``init_masking``: ``init_from``, ``mask_ratio``, ``mask_strategy``, ``mask_sigma``), else None."""
+        init = (self.summary or {}).get("init_masking")
+        if self.masking[0] > 0 or not isinstance(init, dict) or not float(init.get("mask_ratio") or 0) > 0:
+            return None
+        return init
+
+    @property
+    def pretraining_masking(self) -> tuple[float, str, float]:
+        """``(mask_ratio, mask_strategy, mask_sigma)`` of the masked pre-training: this run's, or, for an unmasked
+        tuning run, its initial checkpoint's ([`tuned_from`])."""
+        init = self.tuned_from
+        if init is None:
+            return self.masking
+        return float(init["mask_ratio"]), str(init["mask_strategy"]), float(init["mask_sigma"])
 
 
 def _read_json(path: Path, fix: str) -> Any:
@@ -199,7 +224,7 @@ def _check_distinct(evaluations: list[Evaluation]) -> None:
     """Two results for the same table cell would make the card show one and hide the other."""
     seen: dict[tuple, str] = {}
     for e in evaluations:
-        key = (e.task, e.dataset, e.split, e.mask_ratio, e.masking)
+        key = (e.task, e.dataset, e.split, *e.column)
         if key in seen:
             raise ValueError(
                 f"{seen[key]} and {e.source} both hold {e.task} on {e.dataset}[{e.split}] with {e.inference}; "
@@ -288,8 +313,24 @@ def training_data(run_config: dict[str, Any]) -> str:
 def masking_description(record: RunRecord) -> str:
     """The pre-training masking in words, with the kept patch count of this model's grid."""
     ratio, strategy, sigma = record.masking
+    init = record.tuned_from
+    if init is not None:
+        masked = _masking_words(record, *record.pretraining_masking)
+        checkpoint = f"`{init['init_from']}`"
+        return f"none in this run (mask_ratio 0); its initial checkpoint {checkpoint} was pre-trained with {masked}"
+    if ratio == 0 and record.run_config.get("init_from"):
+        recorded = "init_masking" in (record.summary or {})
+        return "none in this run (mask_ratio 0)" + (
+            "; its initial checkpoint's config has no masking either"
+            if recorded
+            else "; what its initial checkpoint was pre-trained with was not recorded"
+        )
     if ratio == 0:
         return "none (mask_ratio 0: plain CLIP pre-training)"
+    return _masking_words(record, ratio, strategy, sigma)
+
+
+def _masking_words(record: RunRecord, ratio: float, strategy: str, sigma: float) -> str:
     vision = record.model_config["vision_config"]
     patches = (vision["image_size"] // vision["patch_size"]) ** 2
     kept = f"the encoder sees {num_kept_patches(patches, ratio)} of {patches} patches + CLS"
@@ -336,16 +377,39 @@ def steps_description(run_config: dict[str, Any], summary: dict[str, Any] | None
     return f"snapshot at step {text}" if summary.get("snapshot") else text
 
 
-def weights_stage(run_config: dict[str, Any], summary: dict[str, Any] | None) -> str | None:
-    """Which weights the evaluations are of, when the run had (or will have) an unmasked tuning stage."""
-    tuning = int(run_config.get("unmasked_tuning_steps") or 0)
+def weights_stage(record: RunRecord) -> str | None:
+    """Which weights the evaluations are of, when the run had (or will have) an unmasked tuning stage, or was one."""
+    config, summary = record.run_config, record.summary
+    tuning = int(config.get("unmasked_tuning_steps") or 0)
     if summary is not None and summary.get("snapshot"):
-        _, tuned = stage_steps(run_config, summary)
+        _, tuned = stage_steps(config, summary)
         during = f", {_count(tuned, 'step')} into unmasked tuning" if tuned else ", before unmasked tuning"
-        return f"a snapshot at step {summary['steps']}" + (during if tuning else "")
+        if record.tuned_from is not None:
+            during = f", {_count(int(summary['steps']), 'step')} into unmasked tuning"
+        return f"a snapshot at step {summary['steps']}" + (during if tuning or record.tuned_from else "")
+    if record.tuned_from is not None:
+        return f"that is after unmasked tuning ({_count(int(summary['steps']), 'step')} with masking off)"
     if summary is None or not tuning:
         return None
     return f"that is after unmasked tuning ({_count(tuning, 'step')} with masking off)"
+
+
+def tuning_description(record: RunRecord) -> str:
+    """The unmasked tuning the weights went through: this run's stage, or the whole run when it tuned a masked
+    checkpoint ([`RunRecord.tuned_from`])."""
+    config = record.run_config
+    tuning = int(config.get("unmasked_tuning_steps") or 0)
+    if record.tuned_from is not None:
+        steps = _count(int(record.summary["steps"]), "step")
+        return (
+            f"this whole run: {steps} with masking off, learning rate {config.get('learning_rate')}, from "
+            f"`{record.tuned_from['init_from']}`"
+        )
+    if tuning:
+        return (
+            f"{_count(tuning, 'step')} with masking off, learning rate {config.get('unmasked_tuning_learning_rate')}"
+        )
+    return "none"
 
 
 def precision(run_config: dict[str, Any], summary: dict[str, Any] | None) -> str:
@@ -375,7 +439,6 @@ def _warmup(run_config: dict[str, Any]) -> str:
 def training_rows(record: RunRecord) -> list[tuple[str, str]]:
     """The training settings actually used, as (setting, value) rows."""
     config, summary = record.run_config, record.summary
-    tuning = int(config.get("unmasked_tuning_steps") or 0)
     rows = [
         ("patch masking", masking_description(record)),
         ("optimizer steps", steps_description(config, summary)),
@@ -389,12 +452,7 @@ def training_rows(record: RunRecord) -> list[tuple[str, str]]:
             f"betas ({config.get('adam_beta1')}, {config.get('adam_beta2')}), "
             f"{_warmup(config)}, cosine schedule",
         ),
-        (
-            "unmasked tuning",
-            f"{_count(tuning, 'step')} with masking off, learning rate {config.get('unmasked_tuning_learning_rate')}"
-            if tuning
-            else "none",
-        ),
+        ("unmasked tuning", tuning_description(record)),
         ("precision", precision(config, summary)),
         ("seed", str(config.get("seed"))),
     ]
@@ -427,8 +485,10 @@ def evaluation_table(evaluations: list[Evaluation]) -> tuple[list[str], list[lis
     Returns:
         ``(header, rows)``, each row ``[task, dataset, split, samples, metric, value per mode...]``.
     """
-    modes = sorted({(e.mask_ratio, e.mask_strategy or "", e.inference) for e in evaluations})
-    columns = [mode[2] for mode in modes]
+    # One label per column; one result per cell (_check_distinct).
+    labels = {e.column: e.inference for e in evaluations}
+    modes = sorted(labels)
+    columns = [labels[m] for m in modes]
     cells: dict[tuple[str, str, str, str], dict[str, str]] = {}
     samples: dict[tuple[str, str, str], set[str]] = {}
     for e in evaluations:
@@ -436,9 +496,9 @@ def evaluation_table(evaluations: list[Evaluation]) -> tuple[list[str], list[lis
         samples.setdefault(where, set()).add("-" if e.num_samples is None else str(e.num_samples))
         for metric, value in e.metrics.items():
             text = _number(value) + (f" +/- {_number(e.metrics_std[metric])}" if metric in e.metrics_std else "")
-            cells.setdefault((*where, metric), {})[e.inference] = text
+            cells.setdefault((*where, metric), {})[e.column] = text
     rows = [
-        [*key[:3], " / ".join(sorted(samples[key[:3]])), key[3], *(values.get(c, "-") for c in columns)]
+        [*key[:3], " / ".join(sorted(samples[key[:3]])), key[3], *(values.get(m, "-") for m in modes)]
         for key, values in cells.items()
     ]
     return ["task", "dataset", "split", "samples", "metric", *columns], rows
@@ -476,7 +536,7 @@ def card_metadata(record: RunRecord, flavour: str, repo_id: str, license: str) -
     config = record.run_config
     datasets = hub_repo_id(config.get("dataset_name"))
     base_model = hub_repo_id(config.get("init_from"))
-    ratio, strategy, _ = record.masking
+    ratio, strategy, _ = record.pretraining_masking
     masking = [f"{strategy}-masking"] if ratio > 0 else []
     return ModelCardData(
         library_name="transformers",
@@ -528,7 +588,7 @@ def render_model_card(
     model_name = repo_id.split("/")[-1]
     header, rows = evaluation_table(record.evaluations)
     config = record.run_config
-    ratio, strategy, sigma = record.masking
+    ratio, strategy, sigma = record.pretraining_masking
     return ModelCard.from_template(
         card_metadata(record, flavour, repo_id, license),
         template_path=str(template),
@@ -542,7 +602,9 @@ def render_model_card(
         versions=_versions(),
         transformers_requirement=_transformers_requirement(),
         mask_sigma=sigma,
-        weights_stage=weights_stage(config, record.summary),
+        weights_stage=weights_stage(record),
+        tuned=record.tuned_from is not None,
+        config_mask_ratio=record.masking[0],
         builtin_data=config.get("dataset_name") is None,
         model_rows=model_rows(record.model_config, num_parameters),
         training_rows=training_rows(record),

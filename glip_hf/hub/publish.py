@@ -134,7 +134,7 @@ def _write_records(record: RunRecord, folder: Path, repo_id: str) -> dict[str, s
         content = json.loads(source.read_text())
         results = [_published_eval(r, repo_id) for r in (content if isinstance(content, list) else [content])]
         (folder / target).write_text(json.dumps(results if isinstance(content, list) else results[0], indent=2))
-    ratio, _, sigma = record.masking
+    ratio, _, sigma = record.pretraining_masking
     if ratio > 0:
         vision = record.model_config["vision_config"]
         render_mask_figure(
