@@ -7,6 +7,10 @@
 # in .whl/ (how to fetch them: docs/benchmarks.md, "Owed on the GPU"); they are installed into a scratch directory
 # first. Before anything runs on the card, it stops with one line if glip_hf does not import, or if open_clip does
 # not and no --impls was given (a run without open_clip has no "vs open_clip" column).
+# Environment: H200_JSON=FILE writes throughput.py's JSON there instead of OUT_DIR/throughput.json (it is rewritten
+# after every row: point it into the folder whose files come back, so that a call cut short keeps its rows);
+# H200_SKIP_ACTIVATION=1 skips the activation count (the same on every call of one machine); H200_SITE: where the
+# wheels are installed (default /tmp/site; a later call on the same machine reuses them).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/h200.sh OUT_DIR [flags]}
 shift
@@ -15,13 +19,16 @@ if [ ! -f glip_hf/__init__.py ]; then
     exit 2
 fi
 mkdir -p "$out"
-site=/tmp/site
-if compgen -G ".whl/*.whl" > /dev/null; then
+site=${H200_SITE:-/tmp/site}
+if [ -f "$site/.installed" ]; then  # an earlier call on this machine installed them
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+elif compgen -G ".whl/*.whl" > /dev/null; then
     if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         .whl/*.whl; then
         echo "h200.sh: the wheels in .whl/ did not install (pip's message above); fix the folder or remove it" >&2
         exit 1
     fi
+    touch "$site/.installed"
     export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,6 +46,8 @@ if ! python3 -c "import open_clip" 2>> "$out/preflight.log" && [[ " $* " != *" -
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 # What backward keeps, counted on the card (seconds; the CPU count is in docs/benchmarks.md): first, as it is cheap.
-python3 benchmarks/activation_memory.py --device cuda --out "$out/activation_memory.json" 2>&1 \
-    | tee "$out/activation_memory.log"
-python3 benchmarks/throughput.py --out "$out/throughput.json" "$@" 2>&1 | tee "$out/throughput.log"
+if [ "${H200_SKIP_ACTIVATION:-0}" != 1 ]; then
+    python3 benchmarks/activation_memory.py --device cuda --out "$out/activation_memory.json" 2>&1 \
+        | tee "$out/activation_memory.log"
+fi
+python3 benchmarks/throughput.py --out "${H200_JSON:-$out/throughput.json}" "$@" 2>&1 | tee "$out/throughput.log"

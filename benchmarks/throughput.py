@@ -52,6 +52,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -91,6 +92,10 @@ class Dims:
 
 VITB16 = Dims(224, 16, 768, 12, 12, 512, 12, 8, 77, 49408, 512)
 TINY = Dims(32, 8, 32, 2, 2, 32, 2, 2, 16, 500, 16)
+# The MLP activation of both towers. open_clip's ViT-B-16 (and the tiny CLIP built here) uses nn.GELU (erf), CLIP's
+# configs default to quick_gelu: GLIP is built with GELU, so that the two run the same network. (Runs before commit
+# 37a734f's successor built GLIP with quick_gelu, which keeps one more wide tensor per MLP for backward.)
+OPEN_CLIP_ACT = "gelu"
 OVERHEAD = Dims(224, 16, 16, 12, 2, 16, 12, 2, 77, 1000, 16)
 
 
@@ -212,6 +217,7 @@ class GlipVariant(Variant):
             mask_ratio=0.0,
             mask_strategy="gaussian",
             mask_sigma=0.2,
+            hidden_act=OPEN_CLIP_ACT,
         )
         text = dict(
             hidden_size=dims.text_width,
@@ -222,6 +228,7 @@ class GlipVariant(Variant):
             vocab_size=dims.vocab_size,
             bos_token_id=dims.vocab_size - 2,
             eos_token_id=dims.vocab_size - 1,  # `_inputs` ends each caption with it: pooled there, as open_clip does
+            hidden_act=OPEN_CLIP_ACT,
         )
         config = GLIPConfig(text_config=text, vision_config=vision, projection_dim=dims.embed_dim)
         config._attn_implementation = "sdpa"
@@ -580,31 +587,60 @@ def run_levers(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callabl
 
 
 def run_max_batch(args: argparse.Namespace, dims: Dims, setup: Setup, emit: Callable[[Row], None]) -> None:
-    """Largest batch that fits, per impl and ratio (eager), doubling from the largest of ``--batches``."""
+    """Largest batch that fits, per impl and ratio (eager): doubling from the largest of ``--batches`` until a batch
+    runs out of memory, then halving the gap between the largest that fit and the smallest that did not, down to
+    ``--max_batch_step``. Always one row per impl and ratio: the largest that fit, or, when none above ``--batches``
+    did, an error row that says so (as does a search stopped by ``--max_batch_limit``)."""
+    step = args.max_batch_step
     for impl in args.impls:
         for ratio in args.ratios:
-            batch, best = max(args.batches) * 2, None
+            fits, fails, best, batch = max(args.batches), None, None, max(args.batches) * 2
             while batch <= args.max_batch_limit:
-                row, variant, failed = Row(impl, ratio, batch, "eager", lever="max_batch"), None, False
-                try:
-                    variant = BUILDERS[impl](dims, setup, compile_model=False)
-                    variant.set_ratio(ratio)
-                    time_steps(variant, row, dims, setup, 1, max(3, args.steps // 3), args.peak_tflops)
-                    best = row
-                except Exception as error:
-                    failed = True
-                    if not _is_oom(error):
-                        row.error = repr(error)[:400]
-                        emit(row)
-                if variant is not None:  # also after an OOM: GLIP's shared Accelerator would keep the model resident
-                    variant.close()
-                del variant
-                _release(setup)
-                if failed:
+                row, outcome = _try_batch(impl, ratio, batch, args, dims, setup)
+                if outcome == "error":  # not memory: said in its row, and the search stops
+                    emit(row)
                     break
-                batch *= 2
+                if outcome == "fits":
+                    fits, best = batch, row
+                else:
+                    fails = batch
+                if fails is None:
+                    batch *= 2
+                elif fails - fits <= step:
+                    break
+                else:
+                    batch = max(fits + step, (fits + fails) // 2 // step * step)
+            else:
+                if best is not None:
+                    best.extra["max_batch"] = f"stopped at --max_batch_limit {args.max_batch_limit}"
             if best is not None:
+                if fails is not None:
+                    best.extra["max_batch"] = f"the next tried, {fails}, ran out of memory"
                 emit(best)
+            elif fails is not None:
+                row = Row(impl, ratio, fails, "eager", lever="max_batch")
+                row.error = f"out of memory at batch {fails}: none above {fits} (the largest of --batches) fits"
+                emit(row)
+
+
+def _try_batch(
+    impl: str, ratio: float, batch: int, args: argparse.Namespace, dims: Dims, setup: Setup
+) -> tuple[Row, str]:
+    """One eager row at ``batch``: ``(row, "fits" | "oom" | "error")``; the model is released either way."""
+    row, variant, outcome = Row(impl, ratio, batch, "eager", lever="max_batch"), None, "fits"
+    try:
+        variant = BUILDERS[impl](dims, setup, compile_model=False)
+        variant.set_ratio(ratio)
+        time_steps(variant, row, dims, setup, 1, max(3, args.steps // 3), args.peak_tflops)
+    except Exception as error:
+        outcome = "oom" if _is_oom(error) else "error"
+        if outcome == "error":
+            row.error = repr(error)[:400]
+    if variant is not None:  # also after an OOM: GLIP's shared Accelerator would keep the model resident
+        variant.close()
+    del variant
+    _release(setup)
+    return row, outcome
 
 
 def add_ratios(rows: list[Row]) -> None:
@@ -725,7 +761,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lever_ratio", type=float, default=0.75)
     parser.add_argument("--lever_modes", type=_csv(str), default=["eager"], help="eager and/or compile")
     parser.add_argument("--max_batch", action="store_true", help="search the largest batch that fits (eager)")
+    parser.add_argument(
+        "--skip_grid", action="store_true", help="no grid rows: only the --levers and --max_batch ones"
+    )
     parser.add_argument("--max_batch_limit", type=int, default=16384)
+    parser.add_argument(
+        "--max_batch_step", type=int, default=256, help="--max_batch: resolution of the search (default 256)"
+    )
     parser.add_argument("--dynamic", action="store_true", help="let torch.compile make shapes dynamic on change")
     parser.add_argument(
         "--compile_mode",
@@ -777,6 +819,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--warmup", args.warmup, 0),
         ("--lever_batch", args.lever_batch, 1),
         ("--max_batch_limit", args.max_batch_limit, 1),
+        ("--max_batch_step", args.max_batch_step, 1),
     ):
         if value < low:
             parser.error(f"{flag}: {value} is invalid; expected >= {low}")
@@ -848,11 +891,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if args.out is not None:  # written after every row: a run cut short keeps what it measured
             add_ratios(rows)
             payload = {"environment": info, "args": _jsonable(vars(args)), "rows": [asdict(r) for r in rows]}
-            args.out.write_text(json.dumps(payload, indent=1))
+            partial = args.out.with_name(args.out.name + ".partial")
+            partial.write_text(json.dumps(payload, indent=1))
+            os.replace(partial, args.out)  # whole: a run killed while writing keeps the previous rows
 
     if args.levers:  # first: a few rows at one configuration, kept if a long grid is cut short
         run_levers(args, dims, setup, emit)
-    run_grid(args, dims, setup, emit)
+    if not args.skip_grid:
+        run_grid(args, dims, setup, emit)
     if args.max_batch:
         run_max_batch(args, dims, setup, emit)
     add_ratios(rows)

@@ -385,11 +385,9 @@ def test_op_count_counts_both_implementations(tmp_path):
         assert half["forward"] == three_quarters["forward"] and half["backward"] == three_quarters["backward"]
 
 
-def test_h200_script_runs_where_glip_hf_is_not_installed(tmp_path):
-    """benchmarks/h200.sh as on the GPU machine, where glip_hf is not installed and .whl/ may be absent: it used to
-    leave PYTHONPATH unset without wheels, so throughput.py stopped at `import glip_hf`. Here `python3` is this
-    interpreter without its site hooks (`-S`: the editable install of glip_hf is not seen), its packages on
-    PYTHONPATH."""
+def _gpu_machine_env(tmp_path) -> dict[str, str]:
+    """An environment where ``python3`` is this interpreter without its site hooks (``-S``: the editable install of
+    glip_hf is not seen), its packages on PYTHONPATH, as on the GPU machine."""
     import site
 
     if (ROOT / ".whl").exists():
@@ -398,11 +396,20 @@ def test_h200_script_runs_where_glip_hf_is_not_installed(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
     (bin_dir / "python3").chmod(0o755)
-    env = {
+    return {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "PYTHONPATH": os.pathsep.join(site.getsitepackages()),
+        "H200_SITE": str(tmp_path / "site"),
     }
+
+
+def test_h200_script_runs_where_glip_hf_is_not_installed(tmp_path):
+    """benchmarks/h200.sh as on the GPU machine, where glip_hf is not installed and .whl/ may be absent: it used to
+    leave PYTHONPATH unset without wheels, so throughput.py stopped at `import glip_hf`. Here `python3` is this
+    interpreter without its site hooks (`-S`: the editable install of glip_hf is not seen), its packages on
+    PYTHONPATH."""
+    env = _gpu_machine_env(tmp_path)
     check = subprocess.run(["python3", "-c", "import glip_hf"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert check.returncode != 0, "glip_hf imports without the repository on the path: the test shows nothing"
     out = tmp_path / "run one"
@@ -412,3 +419,97 @@ def test_h200_script_runs_where_glip_hf_is_not_installed(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads((out / "throughput.json").read_text())["rows"]
     assert [(row["impl"], row["ratio"], row["error"]) for row in rows] == [("glip", 0.5, "")]
+
+
+def test_max_batch_narrows_down_between_what_fits_and_what_runs_out(monkeypatch):
+    """--max_batch doubled only, so GLIP and open_clip both read "2048" between 2048 and 4096 fitting; a first
+    doubling that ran out of memory gave no row at all. The card's memory is stood in for by a limit on the batch
+    (this machine has no card to fill): a step above 40 images raises torch's out-of-memory error."""
+    timed = []
+    real = throughput.time_steps
+
+    def time_steps(variant, row, *rest):
+        timed.append(row.batch)
+        if row.batch > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real(variant, row, *rest)
+
+    monkeypatch.setattr(throughput, "time_steps", time_steps)
+    rows = []
+    args = throughput.parse_args(["--device", "cpu", "--tiny", "--impls", "glip", "--ratios", "0.5", "--steps", "1"])
+    args.max_batch_step = 4
+    throughput.run_max_batch(args, throughput.TINY, throughput.Setup("cpu", bf16=False), rows.append)
+    assert timed == [16, 32, 64, 48, 40, 44]
+    (row,) = rows
+    assert (row.batch, row.error, row.lever) == (40, "", "max_batch") and row.img_s > 0
+    assert row.extra["max_batch"] == "the next tried, 44, ran out of memory"
+
+    rows.clear()
+    args.batches = [64]  # nothing above the start fits: said, not silent
+    throughput.run_max_batch(args, throughput.TINY, throughput.Setup("cpu", bf16=False), rows.append)
+    (row,) = rows
+    assert row.batch == 68 and "out of memory at batch 68: none above 64" in row.error  # 128, 96, 80, 72, 68
+
+
+def test_the_one_call_gpu_run_writes_each_stage_into_the_folder_that_comes_back(tmp_path):
+    """benchmarks/h200_run.sh, every stage at tiny sizes on this CPU (eager only; H200_EXTRA's flags come last and
+    win): each stage's JSON lands in OUT as its rows are measured, three stages are packed, nothing else is written
+    there (eight files at most come back from a call)."""
+    env = {**_gpu_machine_env(tmp_path), "H200_WORK": str(tmp_path / "work")}
+    tiny = "--device cpu --tiny --impls glip --batches 8 --lever_batch 8 --modes eager --lever_modes eager"
+    env["H200_EXTRA"] = f"{tiny} --steps 1 --warmup 0 --max_batch_limit 16 --max_batch_step 8"
+    out = tmp_path / "out"
+    command = ["bash", "benchmarks/h200_run.sh", str(out), "3000"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    stages = ("diag", "main", "lean", "grid", "maxbatch")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{s}.json" for s in stages] + ["diag.tgz", "grid.tgz", "main.tgz"]
+    )
+    rows = {s: json.loads((out / f"{s}.json").read_text())["rows"] for s in stages}
+    assert all(not r["error"] for stage in rows.values() for r in stage), rows
+    assert {(r["ratio"], r["lever"]) for r in rows["diag"]} == {(0.75, ""), (0.918, "")}
+    assert [r["lever"] for r in rows["lean"]] == ["lean_activations"]
+    assert {r["ratio"] for r in rows["grid"]} == {0.918, 0.5, 0.0}
+    assert [(r["lever"], r["batch"]) for r in rows["maxbatch"]] == [("max_batch", 16)]
+    assert (tmp_path / "work" / "diag" / "activation_memory.log").is_file()  # counted once: the first stage
+    assert not (tmp_path / "work" / "main" / "activation_memory.log").exists()
+
+
+def test_the_one_call_gpu_run_skips_what_its_deadline_leaves_no_time_for(tmp_path):
+    env = {**_gpu_machine_env(tmp_path), "H200_WORK": str(tmp_path / "work")}
+    result = subprocess.run(
+        ["bash", "benchmarks/h200_run.sh", str(tmp_path / "out"), "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("skipped") == 5 and not list((tmp_path / "out").iterdir())
+
+
+SAME_ACTIVATION = """
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import throughput
+setup = throughput.Setup("cpu", bf16=False)
+for dims in (throughput.TINY, throughput.VITB16):
+    glip = throughput.GlipVariant(dims, setup, compile_model=False).unwrapped
+    oc = throughput.OpenClipVariant(dims, setup, compile_model=False).unwrapped
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    for tower, block in ((glip.vision_model, oc.visual.transformer.resblocks[0]),
+                         (glip.text_model, oc.transformer.resblocks[0])):
+        ours, theirs = tower.encoder.layers[0].mlp.activation_fn, block.mlp.gelu
+        assert torch.equal(ours(x), theirs(x)), (dims, type(ours), theirs)
+print("same")
+"""
+
+
+def test_both_implementations_run_the_same_activation():
+    """GLIP was built with CLIP's default quick_gelu against open_clip ViT-B-16's exact GELU: another network (one
+    more wide tensor kept per MLP, more operators). Both towers, tiny and real sizes, values equal in float64."""
+    command = [str(open_clip_python()), "-c", SAME_ACTIVATION]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip().endswith("same"), result.stderr[-3000:]
