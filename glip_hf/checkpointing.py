@@ -67,6 +67,7 @@ class TrainingProgress:
     empty_steps: int = 0  # steps with no valid sample on any process (no update made)
     nonfinite_steps: int = 0  # steps whose loss or gradient was not finite (no update made)
     main_steps: int | None = None  # the masked stage of the schedule it ran under (None: a checkpoint older than this)
+    init_masking: dict[str, Any] | None = None  # what --init_from was masked with (training.initial_masking)
 
     def save(self, directory: Path) -> None:
         (directory / "progress.json").write_text(json.dumps(asdict(self), indent=1))
@@ -194,6 +195,7 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
                 f"resume_from_checkpoint={checkpoint} was written with {', '.join(changed)}; resume with the "
                 "checkpoint's settings, or start a new run."
             )
+        _check_init_from(checkpoint, before, config)
         kept = [f"{k}={before[k]!r}" for k in RESUME_RESTORED if k in before and before[k] != config.get(k)]
         if kept:
             warnings.warn(
@@ -234,10 +236,35 @@ def _saved_run_config(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def restored_settings(checkpoint: Path) -> dict[str, Any]:
-    """The checkpoint's values of the settings a resume restores (`RESUME_RESTORED`): the run records these, not
-    the command line's, so that a later resume from its checkpoints reads the values it trained with."""
+    """The checkpoint's values of the settings a resume restores (`RESUME_RESTORED`, and ``init_from`` where the
+    checkpoint holds its model's config): the run records these, not the command line's, so that a later resume
+    from its checkpoints reads the values it trained with, and its model card names the model it started from."""
     before = _saved_run_config(checkpoint) or {}
-    return {key: before[key] for key in RESUME_RESTORED if key in before}
+    restored = {key: before[key] for key in RESUME_RESTORED if key in before}
+    if (checkpoint / "config.json").is_file() and "init_from" in before:
+        restored["init_from"] = before["init_from"]
+    return restored
+
+
+def _check_init_from(checkpoint: Path, before: dict[str, Any], config: dict[str, Any]) -> None:
+    """A resume trains the model the checkpoint saved: a changed (or dropped) ``--init_from`` has no effect, said
+    in a warning; a checkpoint without its model's config (written before they were saved) is rebuilt from
+    ``--init_from``, so there a change is a one-line error (it used to switch the masking silently)."""
+    was, now = before.get("init_from"), config.get("init_from")
+    if was == now:
+        return
+    if (checkpoint / "config.json").is_file():
+        warnings.warn(
+            f"resuming {checkpoint}: it goes on training the model it saved (initialised from init_from={was!r}); "
+            f"init_from={now!r} on this command line has no effect.",
+            stacklevel=3,
+        )
+        return
+    again = f"with --init_from {was}" if was else "without --init_from"
+    raise ValueError(
+        f"resume_from_checkpoint={checkpoint} was written with init_from={was!r} (now {now!r}) and holds no model "
+        f"config of its own; resume {again}, as it was written."
+    )
 
 
 def resume_schedule(checkpoint: Path, config: dict[str, Any], schedule: Schedule) -> Schedule:
@@ -349,11 +376,14 @@ def save_checkpoint(
     tokenizer=None,
     loss_fn: torch.nn.Module | None = None,
     run_config: dict[str, Any] | None = None,
+    model_config=None,
+    image_processor=None,
 ) -> Path:
     """Write ``checkpoints/checkpoint-<step>`` atomically and keep the last ``keep`` (all processes call this).
 
     The files go to a temporary directory that is flushed and renamed once complete; ``progress.json`` is written
-    last. The checkpoint resumes on its own wherever it is copied."""
+    last. The checkpoint resumes on its own wherever it is copied: with the model's config (``config.json``) and
+    image processor, a resume rebuilds the model it trained, whatever ``--init_from`` says then."""
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"checkpoint-{progress.step}"
     tmp = root / f".tmp-checkpoint-{progress.step}"
@@ -374,6 +404,10 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in loss_fn.state_dict().items()}, tmp / LOSS_STATE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if model_config is not None:
+            model_config.to_json_file(tmp / "config.json")
+        if image_processor is not None:
+            image_processor.save_pretrained(tmp)
         if run_config is not None:
             (tmp / "run_config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
         progress.save(tmp)

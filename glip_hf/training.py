@@ -134,13 +134,18 @@ def describe_masking(vision_config) -> str:
     return f"{vision_config.mask_strategy}, mask_ratio {vision_config.mask_ratio}{sigma}"
 
 
-def build_model(model_args: ModelArguments, tokenizer) -> GLIPModel:
-    """A fresh GLIP of the requested size, or ``init_from`` (any CLIP or GLIP checkpoint) with masking overrides.
+def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None = None) -> GLIPModel:
+    """A fresh GLIP of the requested size, or ``init_from`` (any CLIP or GLIP checkpoint) with masking overrides, or,
+    resuming, the model of ``checkpoint`` (its ``config.json``, with the same overrides; weights not loaded).
 
     The text tower must pool at the tokenizer's end-of-text token: a checkpoint configured for another id is
     remapped to the tokenizer's (with a warning); a tokenizer whose end-of-text id is 2 is rejected.
     """
     masking = {name: getattr(model_args, name) for name in MASKING_FIELDS if getattr(model_args, name) is not None}
+    if checkpoint is not None:  # a resume: the model the checkpoint trained (its weights come with its state)
+        config = GLIPConfig.from_pretrained(checkpoint, **masking)
+        config._attn_implementation = model_args.attn_implementation
+        return GLIPModel(config)
     if model_args.init_from:
         config = GLIPConfig.from_pretrained(model_args.init_from, **masking)
         if len(tokenizer) > config.text_config.vocab_size:
@@ -245,7 +250,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         with _warnings_once(accelerator):
             check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
         run_config.update(restored_settings(checkpoint))  # what this run trains with, recorded for its next resume
-    if model_args.init_from:
+    resumed_model = checkpoint if checkpoint is not None and (checkpoint / "config.json").is_file() else None
+    if model_args.init_from and resumed_model is None:  # a resume rebuilds the checkpoint's model instead
         check_init_from(model_args.init_from)
     if training_args.push_to_hub:
         from .hub import check_hub_token
@@ -264,12 +270,15 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
     if training_args.resume_from_checkpoint and checkpoint is None:
         accelerator.print(f"resume_from_checkpoint=auto: no checkpoint in {output_dir} yet; starting from scratch.")
     tokenizer = _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_data, checkpoint)
-    model = build_model(model_args, tokenizer)
+    model = build_model(model_args, tokenizer, resumed_model)
     accelerator.print(f"Training masking: {describe_masking(model.config.vision_config)}")
     # Saved with the model, the tokenizer cuts texts where training does (its own stated limit may be another).
     tokenizer.model_max_length = text_context(model_args, model.config)
+    processor_source = model_args.init_from
+    if resumed_model is not None and (resumed_model / "preprocessor_config.json").is_file():
+        processor_source = str(resumed_model)
     image_processor = make_image_processor(
-        model.config.vision_config.image_size, model_args.init_from, model_args.trust_remote_code
+        model.config.vision_config.image_size, processor_source, model_args.trust_remote_code
     )
     if model_args.lean_activations:
         replaced = use_lean_activations(model)  # same function, same checkpoint; docs/benchmarks.md: what it buys
@@ -318,6 +327,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         if accelerator.is_main_process:
             truncate_metrics(output_dir / "metrics.jsonl", progress.step)
         accelerator.print(f"Resumed from {checkpoint} at step {progress.step}, epoch {progress.epoch}.")
+    if checkpoint is None or resumed_model is None:  # a checkpoint with the model's config also holds this record
+        progress.init_masking = initial_masking(model_args.init_from)
     if trackers:
         accelerator.init_trackers(
             TRACKER_PROJECT, config={k: v for k, v in run_config.items() if isinstance(v, (int, float, str, bool))}
@@ -336,7 +347,6 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         run_config,
         image_processor,
         HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
-        initial_masking(model_args.init_from),
     )
     del model, optimizer, scheduler  # `run` is their one owner, so that `_end` can release the wrapped model
     metrics = _train_loop(run, data.batches(progress))
@@ -384,7 +394,6 @@ class _Run:
     config: dict[str, Any] = field(default_factory=dict)  # the flat run config, saved into every checkpoint
     image_processor: Any = None  # saved with the model when a checkpoint is pushed to the Hub
     pusher: HubPusher | None = None  # --push_to_hub, on the main process
-    init_masking: dict[str, Any] | None = None  # what init_from was pre-trained with (initial_masking)
 
     @property
     def total_steps(self) -> int:
@@ -520,6 +529,8 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                     run.tokenizer,
                     run.loss_fn,
                     run.config,
+                    run.unwrapped.config,
+                    run.image_processor,
                 )
                 # The last step is pushed by _finish, with the end-of-run evaluation.
                 if args.push_to_hub and args.hub_strategy == "every_save" and not (last or stop):
@@ -563,9 +574,7 @@ def _log(run: _Run, metrics: MetricsLog, bar, losses, images: int, seconds: floa
     )
 
 
-def run_summary(
-    progress: TrainingProgress, accelerator: Accelerator, main_steps: int, init_masking: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def run_summary(progress: TrainingProgress, accelerator: Accelerator, main_steps: int) -> dict[str, Any]:
     """What ``train_summary.json`` records of a run (also each Hub snapshot's): steps, what was skipped, and the
     masking the initial checkpoint was pre-trained with ([`initial_masking`])."""
     return {
@@ -577,7 +586,7 @@ def run_summary(
         "nonfinite_steps": progress.nonfinite_steps,
         "world_size": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
-        "init_masking": init_masking,
+        "init_masking": progress.init_masking,
     }
 
 
@@ -621,7 +630,7 @@ class HubPusher:
         run.unwrapped.save_pretrained(snapshot, state_dict=state)  # now, in this thread: the weights of this step
         save_processor(snapshot, run.tokenizer, run.image_processor)
         (snapshot / "run_config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
-        summary = {**run_summary(run.progress, run.accelerator, run.main_steps, run.init_masking), "snapshot": True}
+        summary = {**run_summary(run.progress, run.accelerator, run.main_steps), "snapshot": True}
         (snapshot / "train_summary.json").write_text(json.dumps(summary, indent=1))
         self.push(snapshot, f"Checkpoint at step {run.progress.step}", cleanup=tmp.cleanup)
 
@@ -713,7 +722,7 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
         )
     if accelerator.is_main_process:
         summary = {
-            **run_summary(progress, accelerator, main_steps, run.init_masking),
+            **run_summary(progress, accelerator, main_steps),
             "held_out_zero_shot": eval_metrics,
         }
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))

@@ -554,6 +554,63 @@ def test_a_checkpoint_resumes_only_with_the_model_it_was_written_for(tmp_path):
         in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "4")
 
 
+def test_a_resume_trains_the_checkpoints_model_whatever_init_from_says_then(tmp_path):
+    """A run from --init_from (a FLIP model: random masking, 75%), requeued without the flag (its path may be gone):
+    the resume rebuilt the model from the command line, GLIPConfig's Gaussian 50%, and trained on silently with
+    other masks. A checkpoint now holds its model's config and image processor, so a resume trains what it saved,
+    to the same weights as the uninterrupted run, and the run still records where it started."""
+    flip = tmp_path / "flip"
+    in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--output_dir", str(flip / "run"))
+    GLIPModel.from_pretrained(flip / "run", mask_ratio=0.75, mask_strategy="random").save_pretrained(flip / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(flip / "run" / name, flip / "model" / name)
+    flags = ["--max_steps", "4", "--unmasked_tuning_steps", "0", "--save_steps", "2", "--eval_at_end", "false"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    full = in_process(tmp_path, *flags, "--init_from", str(flip / "model"), "--output_dir", str(tmp_path / "full"))
+    checkpoint = full.output_dir / "checkpoints" / "checkpoint-2"
+    assert json.loads((checkpoint / "config.json").read_text())["vision_config"]["mask_strategy"] == "random"
+    resumed_dir = tmp_path / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, resumed_dir / "checkpoints" / "checkpoint-2")
+    shutil.rmtree(flip / "model")  # the initial checkpoint is gone by the time the job is requeued
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.warns(
+        UserWarning, match=r"goes on training the model it saved .* init_from=None on this command line"
+    ):
+        in_process(tmp_path, *flags, "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "latest")
+    config = json.loads((resumed_dir / "config.json").read_text())["vision_config"]
+    assert (config["mask_ratio"], config["mask_strategy"]) == (0.75, "random")
+    kept = [json.loads(line)["kept_tokens"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    full_kept = [
+        json.loads(line)["kept_tokens"] for line in (full.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert kept == full_kept[-len(kept) :]
+    expected, actual = load_file(full.output_dir / "model.safetensors"), load_file(resumed_dir / "model.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    assert yaml_load(resumed_dir / "run_config.yaml")["init_from"] == str(flip / "model")
+    summary = json.loads((resumed_dir / "train_summary.json").read_text())
+    assert summary["init_masking"]["mask_strategy"] == "random"
+
+
+def test_a_checkpoint_without_its_models_config_resumes_only_with_its_init_from(tmp_path):
+    """Checkpoints written before they held the model's config are rebuilt from --init_from: a changed one is an
+    error, not other masks."""
+    flags = ["--max_steps", "2", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--eval_at_end", "false"]
+    in_process(tmp_path, *flags)
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    (checkpoint / "config.json").unlink()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"written with init_from=None \(now '.*'\) .* resume without --init_from"):
+        in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--init_from", str(tmp_path / "out"))
+
+
+def yaml_load(path: Path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def test_a_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path):
     with pytest.raises(ValueError, match="--caption_column 'nope' is not a column"):
         in_process(tmp_path, "--max_steps", "1", "--caption_column", "nope")
