@@ -589,6 +589,44 @@ def validate_eval_args(args: EvalArguments) -> None:
         _require_local_path(name, getattr(args, name), hub=name in ("model", "dataset"))
     if args.output is not None and args.suite is None and Path(args.output).is_dir():
         raise IsADirectoryError(f"output={args.output} is a directory; pass a file path such as results.json.")
+    if args.output is not None and any(p.exists() and not p.is_dir() for p in Path(args.output).parents):
+        raise NotADirectoryError(f"output={args.output}: a folder on that path is a file; pick another path.")
+
+
+def suite_entries(path: Path, spec: dict[str, Any], base: EvalArguments) -> list[EvalArguments]:
+    """The validated ``EvalArguments`` of each entry of a suite file: ``base`` (the command line), then the file's
+    top-level fields, then the entry's; every value converted to its field's type as in a run config, and every
+    entry checked as run_eval.py's flags are, before any of them runs. One-line errors name the file and entry."""
+    hints = typing.get_type_hints(EvalArguments)
+    fields = {f.name for f in dataclasses.fields(EvalArguments)}
+
+    def converted(mapping: dict[str, Any], where: str) -> dict[str, Any]:
+        unknown = sorted(set(mapping) - fields)
+        if unknown:
+            raise ValueError(
+                f"{path}: unknown key(s) {unknown}{_did_you_mean(unknown, fields)} {where}; "
+                "see `run_eval.py --help` for the fields."
+            )
+        return {key: _coerce_yaml_value(key, value, hints[key], path) for key, value in mapping.items()}
+
+    shared = converted({k: v for k, v in spec.items() if k != "entries"}, "at the top level")
+    defaults = {**dataclasses.asdict(base), **shared, "suite": None}
+    if base.model is not None:
+        defaults["model"] = base.model  # the command line wins over the suite file
+    entries = []
+    for number, entry in enumerate(spec["entries"], start=1):
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"{path}: entry {number} is {entry!r}, not a mapping; write each entry as `- task: NAME` with its "
+                "fields indented under it."
+            )
+        args = EvalArguments(**{**defaults, **converted(entry, f"in entry {number}")})
+        try:
+            validate_eval_args(args)
+        except (ValueError, FileNotFoundError, IsADirectoryError) as error:
+            raise type(error)(f"{path}, entry {number}: {error}") from None
+        entries.append(args)
+    return entries
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

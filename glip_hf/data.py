@@ -60,11 +60,20 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
 
     name = args.dataset_name
     if name is not None and Path(name).is_dir() and _looks_like_saved_dataset(Path(name)):
-        loaded = datasets.load_from_disk(name)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"split {split!r} not in {name}; it has {sorted(loaded)}.")
-            loaded = loaded[split]
+        folder = Path(name)
+        if (folder / "dataset_dict.json").is_file():  # only the split asked for is loaded
+            splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+            if split not in splits:
+                raise ValueError(f"split {split!r} not in {name}; it has {sorted(splits)}.")
+            folder = folder / split
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except IndexError:  # datasets fails so on a saved split of no rows (no table to concatenate)
+            loaded = []
+        if len(loaded) == 0:
+            raise ValueError(
+                f"split {split!r} of {name} has no rows; pick a split that has (--split / --train_split)."
+            )
         return loaded.to_iterable_dataset() if args.streaming else loaded
     data_files, data_dir, features = args.data_files, args.data_dir, None
     if data_files is not None and not any(ch in data_files for ch in "*?["):

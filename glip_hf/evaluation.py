@@ -19,7 +19,7 @@ import string
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from .arguments import DataArguments, EvalArguments, read_yaml
+from .arguments import DataArguments, EvalArguments, read_yaml, suite_entries
 from .data import (
     SKIP_REASONS,
     check_columns,
@@ -95,6 +95,12 @@ def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "
             f"--model {name_or_path}: its text tower pools at eos_token_id={model.config.text_config.eos_token_id} "
             f"but its tokenizer ends text with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its "
             "config.json or save the matching tokenizer."
+        )
+    vocab = model.config.text_config.vocab_size
+    if len(tokenizer) > vocab:  # ids past the embedding: an IndexError, a CUDA assert, or scores of other tokens
+        raise ValueError(
+            f"--model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its text tower embeds only "
+            f"{vocab}; save the tokenizer the model was trained with beside it."
         )
     image_processor = make_image_processor(model.config.vision_config.image_size, name_or_path, trust_remote_code)
     return model, tokenizer, image_processor
@@ -405,20 +411,30 @@ def encode_images(
 
 @torch.inference_mode()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, accelerator: Accelerator) -> torch.Tensor:
-    """L2-normalised text features ``(T, D)`` in the order of ``texts``."""
+    """L2-normalised text features ``(T, D)`` in the order of ``texts``.
 
+    Texts that tokenize alike are encoded once and share the features: the same tokens padded to another length in
+    another batch give features that differ in the last bits, and retrieval's ties (captions shared by several
+    images) would then be broken by float noise that moves with ``batch_size``."""
     # Truncate at the text tower's context too: a tokenizer may allow longer inputs than the model embeds.
     context = model.config.text_config.max_position_embeddings
+    keys = [tuple(ids) for ids in tokenizer(list(texts), truncation=True, max_length=context)["input_ids"]]
+    first = dict.fromkeys(keys)  # one representative text per distinct token sequence, in order of appearance
+    for key, text in zip(keys, texts):
+        first[key] = first[key] if first[key] is not None else text
+    distinct = list(first.values())
+    position = {key: i for i, key in enumerate(first)}
 
     def encode(rows: list[int]):
         tokens = tokenizer(
-            [texts[i] for i in rows], padding=True, truncation=True, max_length=context, return_tensors="pt"
+            [distinct[i] for i in rows], padding=True, truncation=True, max_length=context, return_tensors="pt"
         )
         with _autocast(accelerator.device):
             embeds = model.get_text_features(**tokens.to(accelerator.device)).pooler_output
         return F.normalize(embeds.float(), dim=-1), rows, Counter()
 
-    return _sharded_encode(accelerator, list(range(len(texts))), batch_size, encode, "texts")[0]
+    features = _sharded_encode(accelerator, list(range(len(distinct))), batch_size, encode, "texts")[0]
+    return features[torch.tensor([position[key] for key in keys], dtype=torch.long, device=features.device)]
 
 
 def zero_shot_classifier(
@@ -680,7 +696,11 @@ def _linear_probe(
     )
     return {
         "num_samples": len(encoded["test"][1]),
-        **skip_counts(sum((e[2] for e in encoded.values()), Counter())),
+        **skip_counts(encoded["test"][2]),  # of the evaluated split, beside its num_samples
+        "skipped_by_split": {
+            f"{role} ({getattr(args, f'{role}_split' if role != 'test' else 'split')})": skip_counts(e[2])
+            for role, e in encoded.items()
+        },
         "num_classes": num_classes,
         "num_train_samples": len(encoded["train"][1]),
         **chosen,
@@ -717,6 +737,9 @@ def evaluate_model(args: EvalArguments, accelerator: Accelerator | None = None, 
     if masked:
         result["metrics_std"] = _std_metrics([run["metrics"] for run in runs])
         result["metrics_per_draw"] = [run["metrics"] for run in runs]
+        for key in ("C", "val_top1"):  # the linear probe's choice, made on each draw's features
+            if key in runs[0]:
+                result[f"{key}_per_draw"] = [run[key] for run in runs]
     return {
         "task": args.task,
         "dataset": args.dataset or BUILTIN,
@@ -775,7 +798,7 @@ def write_table(results: list[dict[str, Any]], base: str | Path) -> tuple[Path, 
     metric_keys = list(dict.fromkeys(k for v in values for k in v))
     rows = [[r[k] for k in keys] + [v.get(m, "") for m in metric_keys] for r, v in zip(results, values)]
     header = keys + metric_keys
-    with (base.with_suffix(".csv")).open("w", newline="") as handle:
+    with _beside(base, ".csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
 
     def cell(column: str, value: Any) -> str:
@@ -783,8 +806,22 @@ def write_table(results: list[dict[str, Any]], base: str | Path) -> tuple[Path, 
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c, v) for c, v in zip(header, row)) + " |" for row in rows]
-    (base.with_suffix(".md")).write_text("\n".join(lines) + "\n")
-    return base.with_suffix(".md"), base.with_suffix(".csv")
+    _beside(base, ".md").write_text("\n".join(lines) + "\n")
+    return _beside(base, ".md"), _beside(base, ".csv")
+
+
+SUITE_SUFFIXES = (".json", ".md", ".csv")
+
+
+def _beside(base: Path, suffix: str) -> Path:
+    """``base`` + ``suffix``: ``mask0.5`` -> ``mask0.5.md`` (``with_suffix`` would write ``mask0.md``)."""
+    return base.with_name(base.name + suffix)
+
+
+def suite_base(output: str | None) -> Path:
+    """The path the suite's ``.md``, ``.csv`` and ``.json`` share: ``--output`` less one of those suffixes."""
+    out = Path(output or "eval_results/suite")
+    return out.with_suffix("") if out.suffix in SUITE_SUFFIXES else out
 
 
 def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> list[dict[str, Any]]:
@@ -801,15 +838,8 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
     accelerator = accelerator or Accelerator(cpu=args.cpu)
     check_launch(accelerator)
     use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread otherwise
-    defaults = {**asdict(args), **{k: v for k, v in spec.items() if k != "entries"}, "suite": None}
-    if args.model is not None:
-        defaults["model"] = args.model  # the command line wins over the suite file
     loaded, results = {}, []
-    for entry in entries:
-        unknown = set(entry) - set(defaults)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)} in entry {entry}.")
-        entry_args = EvalArguments(**{**defaults, **entry})
+    for entry_args in suite_entries(path, spec, args):  # all checked before the first runs
         if entry_args.model not in loaded:
             loaded[entry_args.model] = load_model_for_eval(
                 entry_args.model, accelerator.device, entry_args.trust_remote_code
@@ -817,8 +847,8 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
         results.append(evaluate_model(entry_args, accelerator, loaded[entry_args.model]))
         accelerator.print(summary_line(results[-1]))
     if accelerator.is_main_process:
-        base = Path(args.output or "eval_results/suite").with_suffix("")
+        base = suite_base(args.output)
         md, csv_path = write_table(results, base)
-        base.with_suffix(".json").write_text(json.dumps(results, indent=1))
+        _beside(base, ".json").write_text(json.dumps(results, indent=1))
         print(f"Wrote {md} and {csv_path}")
     return results

@@ -215,9 +215,12 @@ def partly_labelled_dataset(path: Path) -> str:
 
 def test_rows_without_a_label_are_skipped_and_bad_labels_are_one_line_errors(saved_model_dir, tmp_path):
     partly, labelled = partly_labelled_dataset(tmp_path)
-    for task, unlabelled in (("zeroshot_classification", 4), ("linear_probe", 8)):  # the probe reads 2 splits
+    for task in ("zeroshot_classification", "linear_probe"):  # the probe reads 2 splits, and counts each
         result = evaluate_model(args_for(saved_model_dir, partly, task=task))
-        assert result["num_samples"] == 4 and result["skipped"]["missing_label"] == result["num_skipped"] == unlabelled
+        assert result["num_samples"] == 4 and result["skipped"]["missing_label"] == result["num_skipped"] == 4
+        if task == "linear_probe":  # its counts sat beside the test split's num_samples, summed over both splits
+            by_split = {role: counts["num_skipped"] for role, counts in result["skipped_by_split"].items()}
+            assert by_split == {"train (train)": 4, "test (test)": 4}
         assert result["metrics"] == evaluate_model(args_for(saved_model_dir, labelled, task=task))["metrics"]
     names = tmp_path / "names.txt"
     names.write_text("cat\ndog\n")
@@ -355,6 +358,64 @@ def test_suite_writes_markdown_and_csv(saved_model_dir, eval_dataset, tmp_path):
         run_suite(EvalArguments(model=str(saved_model_dir), suite=str(bad)))
 
 
+def test_an_empty_split_is_a_one_line_error(saved_model_dir, eval_dataset, tmp_path):
+    """A saved split with no rows crashed inside datasets with an IndexError traceback."""
+    source = datasets.load_from_disk(eval_dataset)
+    datasets.DatasetDict(test=source["test"].select([]), train=source["train"]).save_to_disk(tmp_path / "empty")
+    for task in ("zeroshot_classification", "retrieval", "linear_probe"):
+        with pytest.raises(ValueError, match=r"split 'test' of .*empty has no rows; pick a split that has"):
+            evaluate_model(args_for(saved_model_dir, str(tmp_path / "empty"), task=task))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            'entries:\n  - task: zeroshot_classification\n    mask_ratio: "0.5"\n',
+            None,
+        ),  # converted, as in a run config
+        ("entries:\n  - task: zeroshot_classification\n    batch_size: 1e1\n", None),  # 10
+        ("bogus: 1\nentries:\n  - task: zeroshot_classification\n", r"unknown key\(s\) \['bogus'\] at the top level"),
+        ("entries:\n  - task: zeroshot_classification\n    batch_size: 0\n", r"entry 1: batch_size=0 is invalid"),
+        (
+            "entries:\n  - task: retrieval\n  - task: zeroshot_classification\n    max_samples: 0\n",
+            r"entry 2: max_samples=0",
+        ),
+        ("entries:\n  - task: zeroshot_classification\n    seed: 1.5\n", r"seed=1.5 is invalid: expected an integer"),
+        ("entries:\n  - zeroshot_classification\n", r"entry 1 is 'zeroshot_classification', not a mapping"),
+        ("entries:\n  - task: zeroshot_classification\n    mask_ratio: yes\n", r"mask_ratio=True is invalid"),
+    ],
+)
+def test_suite_entries_are_converted_and_checked_as_flags_are(saved_model_dir, tmp_path, text, message):
+    """Suite entries went to EvalArguments as written: strings and 1e1 crashed with a TypeError traceback, a top-level
+    typo too, 0 batches failed deep inside, and seed 1.5 was accepted. Now each is converted to its field's type and
+    checked before the first entry runs."""
+    from glip_hf.arguments import suite_entries
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(text)
+    spec = glip_hf.arguments.read_yaml(suite)
+    if message is None:
+        (entry,) = suite_entries(suite, spec, EvalArguments(model=str(saved_model_dir)))
+        assert (entry.mask_ratio, entry.batch_size) in ((0.5, 256), (0.0, 10)), entry
+        return
+    with pytest.raises(ValueError, match=message) as raised:
+        suite_entries(suite, spec, EvalArguments(model=str(saved_model_dir)))
+    assert str(suite) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_suite_output_with_a_dot_in_its_name_keeps_it(saved_model_dir, eval_dataset, tmp_path):
+    """--output mask0.5 wrote mask0.md / .csv / .json, replacing a user's mask0.md (and mask0.75's results)."""
+    (tmp_path / "mask0.md").write_text("my notes\n")
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"dataset: {eval_dataset}\nentries:\n  - task: zeroshot_classification\n")
+    run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "mask0.5")))
+    assert (tmp_path / "mask0.md").read_text() == "my notes\n"
+    assert {p.name for p in tmp_path.glob("mask0.5.*")} == {"mask0.5.md", "mask0.5.csv", "mask0.5.json"}
+    run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "named.json")))
+    assert {p.name for p in tmp_path.glob("named.*")} == {"named.md", "named.csv", "named.json"}
+
+
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
     # Masked inference: images and texts sharded, and masks seeded per batch, not per process.
     common = ["--model", str(saved_model_dir), "--dataset", eval_dataset, "--batch_size", "5"]
@@ -474,6 +535,10 @@ def test_a_linear_probe_with_training_rows_of_one_class_is_a_one_line_error():
 def test_linear_probe_reports_the_chosen_c(saved_model_dir, eval_dataset):
     result = evaluate_model(args_for(saved_model_dir, eval_dataset, task="linear_probe"))
     assert result["C"] > 0 and 0.0 <= result["val_top1"] <= 1.0
+    assert "C_per_draw" not in result
+    masked = evaluate_model(args_for(saved_model_dir, eval_dataset, task="linear_probe", mask_ratio=0.5, mask_draws=2))
+    assert len(masked["C_per_draw"]) == len(masked["val_top1_per_draw"]) == 2  # draw 0's alone were reported
+    assert masked["C"] == masked["C_per_draw"][0]
 
 
 def test_retrieval_counts_and_warns_about_duplicate_captions(saved_model_dir, eval_dataset):
@@ -510,6 +575,16 @@ def test_evaluating_a_model_whose_pooling_token_is_not_the_tokenizers_eos_is_an_
     tokenizer.save_pretrained(tmp_path / "legacy")
     with pytest.raises(ValueError, match="eos_token_id"):
         load_model_for_eval(str(tmp_path / "legacy"))
+
+
+def test_a_tokenizer_larger_than_the_text_towers_vocabulary_is_a_one_line_error(saved_model_dir, tmp_path):
+    """Ids past the embedding crashed retrieval with an IndexError and gave zero-shot results of other tokens."""
+    model, tokenizer, _ = load_model_for_eval(str(saved_model_dir))
+    tokenizer.add_tokens([f"newword{i}" for i in range(model.config.text_config.vocab_size - len(tokenizer) + 1)])
+    model.save_pretrained(tmp_path / "big")
+    tokenizer.save_pretrained(tmp_path / "big")
+    with pytest.raises(ValueError, match=r"its tokenizer has \d+ tokens but its text tower embeds only \d+"):
+        load_model_for_eval(str(tmp_path / "big"))
 
 
 def test_prompts_longer_than_the_text_context_are_truncated(saved_model_dir):
@@ -591,3 +666,33 @@ def test_list_files_read_without_a_byte_order_mark(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"^--class_names .*latin1.txt is not UTF-8 text .*; save it as UTF-8"):
         read_list_file(str(tmp_path / "latin1.txt"), "class_names")
+
+
+def test_retrieval_does_not_move_with_the_batch_size(saved_model_dir, eval_dataset):
+    """A caption shared by several images was encoded in different batches, padded to other lengths: its features
+    differed in the last bits, the ties broke by float noise and recall moved with --batch_size (unmasked)."""
+    results = []
+    for batch_size in (1, 2, 5, 64):
+        with pytest.warns(UserWarning, match="tie"):
+            result = evaluate_model(
+                EvalArguments(
+                    model=str(saved_model_dir), dataset=eval_dataset, task="retrieval", batch_size=batch_size
+                )
+            )
+        results.append(result["metrics"])
+    assert all(r == results[0] for r in results), results
+
+
+def test_texts_that_tokenize_alike_get_identical_features(saved_model_dir):
+    from glip_hf.evaluation import encode_texts
+
+    model, tokenizer, _ = load_model_for_eval(str(saved_model_dir))
+    texts = ["a red circle.", "a large blue square in the top left corner of it", "a red circle.", "A red circle."]
+    for batch_size in (1, 2, 3):
+        features = encode_texts(model, tokenizer, texts, batch_size, Accelerator(cpu=True))
+        assert features.shape == (4, model.config.projection_dim)
+        assert torch.equal(features[0], features[2])
+        if tokenizer(texts[0])["input_ids"] == tokenizer(texts[3])["input_ids"]:
+            assert torch.equal(features[0], features[3])
+    alone = encode_texts(model, tokenizer, texts[1:2], 1, Accelerator(cpu=True))
+    torch.testing.assert_close(features[1], alone[0], atol=1e-5, rtol=1e-5)
