@@ -245,14 +245,18 @@ _RUN_BOUNDS = (
     (("num_workers", "warmup_steps", "unmasked_tuning_steps"), lambda v: v >= 0, "an integer >= 0"),
     (("max_text_length",), lambda v: v >= 2, "an integer >= 2 (a text needs its start and end-of-text tokens)"),
     (
-        ("learning_rate", "unmasked_tuning_learning_rate", "adam_epsilon"),
-        lambda v: 0 < v < math.inf,
-        "a finite number > 0",
+        ("learning_rate", "unmasked_tuning_learning_rate"),
+        lambda v: 0 < v <= 1e30,  # AdamW's float32 state overflows near 3.4e38 (a traceback); 1e30 already diverges
+        "a number > 0 and at most 1e30",
     ),
+    (("adam_epsilon",), lambda v: 0 < v < math.inf, "a finite number > 0"),
+    (("seed", "synthetic_seed"), lambda v: 0 <= v < 2**32, "an integer in [0, 2**32) (what NumPy's seed takes)"),
     (("weight_decay",), lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     (("max_grad_norm",), lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: no clipping)"),
     (("warmup_ratio", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
 )
+# datasets' builders that read the user's files (they search the current directory when given none).
+_FILE_BUILDERS = ("parquet", "json", "csv", "text", "arrow", "imagefolder", "webdataset")
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 _EXPECTED_TYPE = {bool: "true or false", int: "an integer", float: "a number (such as 0.001 or 1e-3)", str: "a string"}
 _HUB_ID = re.compile(r"^[\w-][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name": may be a Hub repository
@@ -420,6 +424,11 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
     for names, test, expected in _RUN_BOUNDS:
         for name in names:
             _require(values[name] is None or test(values[name]), name, values[name], expected)
+    if data.dataset_name in _FILE_BUILDERS and data.data_files is None and data.data_dir is None:
+        raise ValueError(
+            f"--dataset_name {data.dataset_name} reads files: pass --data_files (a path or glob) or --data_dir; "
+            "without them datasets searches the current directory."
+        )
     for name in ("data_files", "data_dir"):  # without a dataset_name they were ignored: the built-in data trained
         if data.dataset_name is None and getattr(data, name) is not None:
             raise ValueError(
@@ -587,10 +596,16 @@ def validate_eval_args(args: EvalArguments) -> None:
             raise FileNotFoundError(f"{name}={value} is not a file; pass an existing file.")
     for name in ("model", "dataset", "data_dir", "data_files"):
         _require_local_path(name, getattr(args, name), hub=name in ("model", "dataset"))
+    if args.dataset in _FILE_BUILDERS and args.data_files is None and args.data_dir is None:
+        raise ValueError(
+            f"--dataset {args.dataset} reads files: pass --data_files (a path or glob) or --data_dir; without them "
+            "datasets searches the current directory."
+        )
     if args.output is not None and args.suite is None and Path(args.output).is_dir():
         raise IsADirectoryError(f"output={args.output} is a directory; pass a file path such as results.json.")
-    if args.output is not None and any(p.exists() and not p.is_dir() for p in Path(args.output).parents):
-        raise NotADirectoryError(f"output={args.output}: a folder on that path is a file; pick another path.")
+    blocking = [p for p in Path(args.output or ".").parents if p.exists() and not p.is_dir()]
+    if args.output is not None and blocking:
+        raise NotADirectoryError(f"output={args.output}: {blocking[0]} is a file, not a folder; pass another path.")
 
 
 def suite_entries(path: Path, spec: dict[str, Any], base: EvalArguments) -> list[EvalArguments]:

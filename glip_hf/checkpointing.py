@@ -133,10 +133,11 @@ def plan_start(output_dir: str | Path, resume: str | None, overwrite: bool) -> S
     ours = checkpoint is not None and checkpoint.resolve().parent == (path / CHECKPOINT_DIR).resolve()
     if found and not overwrite and not ours and not (resume == "auto" and checkpoint is None):
         where = f"resuming {checkpoint} (another run's checkpoint) into it" if checkpoint else "a new run"
+        resume = "--resume_from_checkpoint latest to continue it, " if checkpoints else ""
+        nothing = "" if checkpoints else " (it holds no checkpoint to continue from)"
         raise FileExistsError(
-            f"output_dir={path} holds an earlier run ({', '.join(found)}) and this is {where}; pass "
-            "--resume_from_checkpoint latest to continue it, --overwrite_output_dir true to replace it, "
-            "or another --output_dir."
+            f"output_dir={path} holds an earlier run ({', '.join(found)}){nothing} and this is {where}; pass "
+            f"{resume}--overwrite_output_dir true to replace it, or another --output_dir."
         )
     replaced = found if checkpoint is None or not ours else []
     step = _step(checkpoint) if ours else None
@@ -149,18 +150,28 @@ def resolve_checkpoint(value: str, output_dir: str | Path) -> Path | None:
     return plan_start(output_dir, value, overwrite=True).checkpoint
 
 
+def clear_run_outputs(output_dir: str | Path) -> None:
+    """Remove a run's own files from ``output_dir`` (checkpoints, metrics, model, summary, TensorBoard logs), and its
+    ``checkpoints/`` folder when nothing else is left in it; a user's other files, and checkpoints set aside by an
+    earlier resume, stay."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    for entry in root.iterdir() if root.is_dir() else []:
+        if _PATTERN.match(entry.name) or entry.name.startswith(_TEMPORARY):
+            _discard(entry)
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    for name in RUN_OUTPUTS:
+        (Path(output_dir) / name).unlink(missing_ok=True)
+    for name in RUN_OUTPUT_DIRS:
+        _discard(Path(output_dir) / name)
+
+
 def apply_start(plan: StartPlan, output_dir: str | Path) -> None:
     """Main process: clear what ``plan`` replaces (an earlier run's checkpoints and metrics, nothing else) and set
     abandoned checkpoints aside in ``checkpoints/abandoned-<time>/``."""
     root = Path(output_dir) / CHECKPOINT_DIR
     if plan.replaced:
-        for entry in root.iterdir() if root.is_dir() else []:
-            if _PATTERN.match(entry.name) or entry.name.startswith(_TEMPORARY):
-                _discard(entry)
-        for name in RUN_OUTPUTS:
-            (Path(output_dir) / name).unlink(missing_ok=True)
-        for name in RUN_OUTPUT_DIRS:
-            _discard(Path(output_dir) / name)
+        clear_run_outputs(output_dir)
     if plan.abandoned:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = root / f"abandoned-{stamp}"

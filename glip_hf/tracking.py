@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ def resolve_report_to(value: str) -> list[str]:
 
 
 class MetricsLog:
-    """Appends one JSON object per logging step to ``metrics.jsonl`` (main process only)."""
+    """Appends one JSON object per logging step to ``metrics.jsonl`` (main process only). A value that is not a
+    finite number (the loss of a window whose every step was skipped) is written as null: JSON has no NaN, and
+    strict readers (jq, JSON.parse) reject Python's."""
 
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
@@ -35,7 +38,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+                handle.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
@@ -45,7 +49,7 @@ class MetricsLog:
 
 def plot_loss_curve(records: list[dict[str, Any]], out: str | Path, stage_boundary: int | None = None) -> Path | None:
     """Training loss against step from ``metrics.jsonl`` records; returns the PNG path (None if nothing logged)."""
-    points = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and "step" in r]
     if not points:
         return None
     import matplotlib

@@ -33,6 +33,7 @@ from .checkpointing import (
     TrainingProgress,
     apply_start,
     check_resume,
+    clear_run_outputs,
     list_checkpoints,
     load_loss_state,
     plan_start,
@@ -347,6 +348,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         run_config,
         image_processor,
         HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
+        checkpoint is not None,
     )
     del model, optimizer, scheduler  # `run` is their one owner, so that `_end` can release the wrapped model
     metrics = _train_loop(run, data.batches(progress))
@@ -394,6 +396,7 @@ class _Run:
     config: dict[str, Any] = field(default_factory=dict)  # the flat run config, saved into every checkpoint
     image_processor: Any = None  # saved with the model when a checkpoint is pushed to the Hub
     pusher: HubPusher | None = None  # --push_to_hub, on the main process
+    resumed: bool = False  # started from a checkpoint (its earlier files are not this invocation's alone)
 
     @property
     def total_steps(self) -> int:
@@ -495,7 +498,11 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                 nothing_yet = progress.empty_steps == progress.step + 1  # neither this step nor any before it
                 if nothing_yet and (not still_reading or progress.step + 1 == run.total_steps):
                     bar.close()
-                    _stop(run, _no_sample_message(run, skipped_local), exit_code=CONFIG_ERROR_EXIT)
+                    message = _no_sample_message(run, skipped_local)
+                    _end(run)  # trackers closed first: their folder may go next
+                    if not run.resumed and accelerator.is_main_process:  # its checkpoints hold an untrained model
+                        clear_run_outputs(args.output_dir)
+                    raise RunStopped(message, CONFIG_ERROR_EXIT)
             else:
                 with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
                     loss = train_step(run.model, run.loss_fn, run.unwrapped, micro_batches, accelerator)
@@ -659,7 +666,8 @@ def _no_sample_message(run: _Run, skipped_local: Counter) -> str:
     return (
         f"no sample could be used in {run.progress.step + 1} step(s): every row read was skipped ({reasons}); check "
         f"--image_column {run.config.get('image_column')!r} and --caption_column {run.config.get('caption_column')!r}"
-        " (images and caption text), and the data files. The model was not updated."
+        " (images and caption text), and the data files. The model was not updated"
+        + ("." if run.resumed else "; nothing of the run was kept, so the same command can run again.")
     )
 
 

@@ -2,6 +2,7 @@
 2, no traceback, and nothing of a run written. ``--debug`` shows the traceback."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -155,6 +156,12 @@ PRETRAINING_CASES = [
         r"resume_from_checkpoint=.*checkpoint-9 does not exist",
     ),
     ("init_from_not_clip", ["--init_from", "{ws}/bert"], None, r"init_from=.*bert.*not CLIP or GLIP"),
+    # Found by an outside audit: NumPy's own message after the output folder was made, a traceback in AdamW, and
+    # datasets searching the current directory for parquet files.
+    ("seed_negative", ["--seed", "-1"], None, r"seed=-1 is invalid: expected an integer in \[0, 2\*\*32\)"),
+    ("seed_too_large", ["--seed", "4294967296"], None, r"seed=4294967296 is invalid"),
+    ("learning_rate_overflows", ["--learning_rate", "1e38"], None, r"learning_rate=1e\+38 .*at most 1e30"),
+    ("builder_without_files", ["--dataset_name", "parquet"], None, r"--dataset_name parquet reads files: pass"),
 ]
 
 EVAL_CASES = [
@@ -168,6 +175,8 @@ EVAL_CASES = [
     ("missing_class_names_file", ["--class_names", "{tmp}/names.txt"], r"class_names=.*names\.txt"),
     ("output_is_a_directory", ["--output", "{tmp}"], r"output=.* is a directory"),
     ("unknown_flag", ["--mask_ratios", "0.5"], r"--mask_ratios.*did you mean --mask_ratio"),
+    ("builder_without_files", ["--dataset", "imagefolder"], r"--dataset imagefolder reads files: pass --data_files"),
+    ("output_under_a_file", ["--output", "/etc/passwd/result.json"], r"/etc/passwd is a file, not a folder"),
 ]
 
 
@@ -305,3 +314,16 @@ def test_yaml_merge_keys_load_and_an_unhashable_key_is_one_line(tmp_path):
     path.write_text("? [1, 2]\n: 3\n")  # PyYAML's one-line 'found unhashable key', not a TypeError traceback
     with pytest.raises(ValueError, match=r"suite\.yaml: found unhashable key at line 1"):
         read_yaml(path)
+
+
+def test_metrics_jsonl_is_strict_json_when_a_window_has_no_loss(tmp_path):
+    """A window whose every step was skipped logged "loss": NaN, which jq and JSON.parse reject: it is null now."""
+    from glip_hf.tracking import MetricsLog, plot_loss_curve
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": float("nan"), "lr": 0.1})
+    log.write({"step": 2, "loss": 0.5, "lr": float("inf")})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines[0] == '{"step": 1, "loss": null, "lr": 0.1}' and '"lr": null' in lines[1]
+    assert [json.loads(line, parse_constant=lambda name: pytest.fail(name)) for line in lines][1]["loss"] == 0.5
+    assert plot_loss_curve(log.read(), tmp_path / "curve.png") is not None  # the null point is left out

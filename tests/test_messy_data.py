@@ -217,11 +217,26 @@ def test_data_with_no_usable_sample_stops_the_run_with_one_line(
     datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp_path / "bad"))
     data = ["--dataset_name", str(tmp_path / "bad"), "--per_device_train_batch_size", "4"]
     with pytest.raises(RunStopped, match=r"no sample could be used in .* --caption_column 'caption'") as stopped:
-        run(tmp_path, *data, *flags)
+        run(tmp_path, *data, *flags, "--save_steps", "1")  # checkpoints of the untrained model are written
     assert stopped.value.exit_code == 2
     reason, count = next(iter(skipped.items()))
     assert f"{steps} step(s)" in str(stopped.value) and f"{reason} {count}" in str(stopped.value)
     assert not (tmp_path / "out" / "model.safetensors").exists()  # no model trained on nothing
+    # It leaves nothing that blocks the same command once the data is fixed (its metrics and the checkpoints of the
+    # untrained model did, and the refusal's advice, --resume_from_checkpoint latest, found no checkpoint).
+    assert "nothing of the run was kept, so the same command can run again" in str(stopped.value)
+    assert not {"metrics.jsonl", "checkpoints"} & {p.name for p in (tmp_path / "out").iterdir()}
+    good = ["--dataset_name", str(tmp_path / "good"), "--per_device_train_batch_size", "4"]
+    datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": encode_image(render_example_scene(16)), "path": None}] * 8,
+            "caption": ["a red circle"] * 8,
+        },
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    ).save_to_disk(str(tmp_path / "good"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(tmp_path, *good, "--max_steps", "1")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_the_no_sample_stop_waits_for_every_process_to_read_its_share_through(tmp_path):

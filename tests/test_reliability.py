@@ -611,6 +611,23 @@ def yaml_load(path: Path):
     return yaml.safe_load(path.read_text())
 
 
+def test_the_refusal_of_a_run_directory_without_checkpoints_does_not_advise_resuming_it(tmp_path):
+    """A run killed before its first checkpoint: the refusal said to pass --resume_from_checkpoint latest, which
+    then said there was no checkpoint and to drop the flag: a loop."""
+    from glip_hf.checkpointing import plan_start
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError) as refused:
+        plan_start(tmp_path, None, overwrite=False)
+    message = str(refused.value)
+    assert "holds no checkpoint to continue from" in message and "--resume_from_checkpoint" not in message
+    assert "--overwrite_output_dir true" in message
+    (tmp_path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-1" / "progress.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint latest to continue it"):
+        plan_start(tmp_path, None, overwrite=False)
+
+
 def test_a_failed_start_leaves_nothing_that_blocks_the_retry(tmp_path):
     with pytest.raises(ValueError, match="--caption_column 'nope' is not a column"):
         in_process(tmp_path, "--max_steps", "1", "--caption_column", "nope")
