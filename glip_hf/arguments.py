@@ -51,6 +51,13 @@ class ModelArguments:
     text_intermediate_size: int = 2048
     max_text_length: int = 77
     projection_dim: int = 512
+    hidden_act: str = field(
+        default="quick_gelu",
+        metadata={
+            "help": "MLP activation of both towers from scratch: quick_gelu (CLIP's, OpenAI's models) or gelu "
+            "(open_clip's ViT-B-16, the paper's; the ViT-B/16 recipes set it); init_from keeps its own"
+        },
+    )
     mask_ratio: float | None = field(
         default=None, metadata={"help": "patches dropped in training; None: init_from's own, else GLIPConfig's (0.5)"}
     )
@@ -205,6 +212,7 @@ class EvalArguments:
 LOSSES = ("clip", "siglip")
 MIXED_PRECISIONS = (None, "no", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+HIDDEN_ACTS = ("quick_gelu", "gelu")  # CLIP's and open_clip's (exact, erf); both run under LeanMLP
 RESUME_KEYWORDS = ("latest", "auto")
 TRACKERS = tuple(tracker.value for tracker in LoggerType)
 # The fields that shape a fresh model's parameters (a checkpoint resumes only under the same values).
@@ -465,6 +473,7 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
         model.attn_implementation,
         _one_of(ATTN_IMPLEMENTATIONS),
     )
+    _require(model.hidden_act in HIDDEN_ACTS, "hidden_act", model.hidden_act, _one_of(HIDDEN_ACTS))
     placement = data.synthetic_placement
     _require(placement in PLACEMENTS, "synthetic_placement", placement, _one_of(PLACEMENTS))
     _check_masking(model)

@@ -42,7 +42,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "train_summary.json", "model.safetensors", "conf
 RUN_OUTPUT_DIRS = (TRACKER_PROJECT,)  # its TensorBoard logs: a new run's would be drawn as one curve with them
 # Settings a checkpoint cannot be resumed under if they changed: the shapes of its parameters and its loss.
 # torch_compile: a compiled model's checkpoint names its weights "_orig_mod.*", which the other mode cannot load.
-RESUME_FIXED = (*ARCHITECTURE_FIELDS, "loss", "torch_compile")
+RESUME_FIXED = (*ARCHITECTURE_FIELDS, "hidden_act", "loss", "torch_compile")
 # Settings that place a batch in its epoch (with the number of processes): the row order and the rows per batch.
 _DATA_POSITION = ("seed", "per_device_train_batch_size")
 # Settings whose checkpointed value wins on resume (the optimizer state and the schedule's base rates are restored).
@@ -198,8 +198,10 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
         )
     before = _saved_run_config(checkpoint)
     if before is not None:
-        changed = [
-            f"{k}={before.get(k)!r} (now {config.get(k)!r})" for k in RESUME_FIXED if before.get(k) != config.get(k)
+        changed = [  # a setting newer than the checkpoint (absent from its run config) is not compared
+            f"{k}={before.get(k)!r} (now {config.get(k)!r})"
+            for k in RESUME_FIXED
+            if k in before and before[k] != config.get(k)
         ]
         if changed:
             raise ValueError(

@@ -171,6 +171,7 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
             num_attention_heads=model_args.text_heads,
             intermediate_size=model_args.text_intermediate_size,
             max_position_embeddings=model_args.max_text_length,
+            hidden_act=model_args.hidden_act,
             **text_config_overrides(tokenizer),
         ),
         vision_config=dict(
@@ -180,6 +181,7 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
             intermediate_size=model_args.vision_intermediate_size,
             image_size=model_args.image_size,
             patch_size=model_args.patch_size,
+            hidden_act=model_args.hidden_act,
         ),
         projection_dim=model_args.projection_dim,
         **masking,

@@ -162,6 +162,7 @@ PRETRAINING_CASES = [
     ("seed_too_large", ["--seed", "4294967296"], None, r"seed=4294967296 is invalid"),
     ("learning_rate_overflows", ["--learning_rate", "1e38"], None, r"learning_rate=1e\+38 .*at most 1e30"),
     ("builder_without_files", ["--dataset_name", "parquet"], None, r"--dataset_name parquet reads files: pass"),
+    ("hidden_act_unknown", ["--hidden_act", "relu6"], None, r"hidden_act='relu6' .*quick_gelu or gelu"),
 ]
 
 EVAL_CASES = [

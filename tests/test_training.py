@@ -315,6 +315,10 @@ def test_recipes_parse_and_start_on_a_tiny_sample(tmp_path, name, tokenizer):
     saved = GLIPModel.from_pretrained(result.output_dir)
     expected_ratio = 0.0 if name.startswith(("clip", "unmasked")) else float(values["mask_ratio"])
     assert saved.config.vision_config.mask_ratio == pytest.approx(expected_ratio)
+    # The paper trained open_clip's ViT-B-16, whose MLPs use GELU (CLIP's default is quick_gelu); tuning keeps the
+    # initial checkpoint's own.
+    act = "quick_gelu" if name.startswith("unmasked") else "gelu"
+    assert saved.config.vision_config.hidden_act == saved.config.text_config.hidden_act == act
 
 
 def test_too_small_data_for_one_batch_is_a_clear_error(tmp_path):

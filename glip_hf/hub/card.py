@@ -466,12 +466,14 @@ def model_rows(model_config: dict[str, Any], num_parameters: int) -> list[tuple[
         (
             "image encoder",
             f"ViT, {vision['image_size']} px images in {vision['patch_size']} px patches, width "
-            f"{vision['hidden_size']}, {vision['num_hidden_layers']} layers, {vision['num_attention_heads']} heads",
+            f"{vision['hidden_size']}, {vision['num_hidden_layers']} layers, {vision['num_attention_heads']} heads, "
+            f"{vision.get('hidden_act', 'quick_gelu')} MLPs",
         ),
         (
             "text encoder",
             f"transformer, width {text['hidden_size']}, {text['num_hidden_layers']} layers, "
-            f"{text['num_attention_heads']} heads, {text['max_position_embeddings']} tokens, "
+            f"{text['num_attention_heads']} heads, {text.get('hidden_act', 'quick_gelu')} MLPs, "
+            f"{text['max_position_embeddings']} tokens, "
             f"vocabulary {text['vocab_size']}",
         ),
         ("embedding dimension", str(model_config["projection_dim"])),
