@@ -110,6 +110,11 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
         )
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise FileNotFoundError(f"dataset {name!r} could not be loaded ({error}); check --dataset_name.") from None
+    except ConnectionError as error:  # a Hub name while offline (HF_HUB_OFFLINE=1, or no network)
+        raise FileNotFoundError(
+            f"dataset {name!r} could not be reached ({error}); check --dataset_name, or download it first and pass "
+            "its local folder."
+        ) from None
     except datasets.exceptions.DatasetGenerationError as error:  # a file the builder cannot read
         raise ValueError(
             f"dataset {name!r} could not be read from {data_files or data_dir} ({error.__cause__}); fix or remove "

@@ -328,3 +328,12 @@ def test_metrics_jsonl_is_strict_json_when_a_window_has_no_loss(tmp_path):
     assert lines[0] == '{"step": 1, "loss": null, "lr": 0.1}' and '"lr": null' in lines[1]
     assert [json.loads(line, parse_constant=lambda name: pytest.fail(name)) for line in lines][1]["loss"] == 0.5
     assert plot_loss_curve(log.read(), tmp_path / "curve.png") is not None  # the null point is left out
+
+
+def test_a_hub_dataset_while_offline_is_one_line_not_a_connection_traceback(tmp_path, monkeypatch):
+    from glip_hf.arguments import DataArguments
+    from glip_hf.data import load_image_text_dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match=r"dataset 'someone/no-such-data' could not be reached .*check"):
+        load_image_text_dataset(DataArguments(dataset_name="someone/no-such-data", cache_dir=str(tmp_path)), "train")
