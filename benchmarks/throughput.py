@@ -823,6 +823,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         if value < low:
             parser.error(f"{flag}: {value} is invalid; expected >= {low}")
+    if args.max_batch and args.max_batch_limit < 2 * max(args.batches):
+        parser.error(
+            f"--max_batch_limit: {args.max_batch_limit} leaves no batch to try; the search starts at twice the "
+            f"largest of --batches ({2 * max(args.batches)}): raise the limit"
+        )
     if not 0 <= args.lever_ratio < 1:
         parser.error(f"--lever_ratio: {args.lever_ratio} is not in [0, 1)")
     if not args.peak_tflops > 0:

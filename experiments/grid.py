@@ -307,7 +307,8 @@ def _training_record(run_dir: Path, batch_size: int, main_steps: int) -> dict[st
         seconds[record["stage"]] += images / max(record["images_per_s"], 1e-9)
         previous = record["step"]
     return {
-        "loss_curve": [[r["step"], round(r["loss"], 5)] for r in records],
+        # metrics.jsonl writes null for a window whose every step was skipped
+        "loss_curve": [[r["step"], None if r["loss"] is None else round(r["loss"], 5)] for r in records],
         "train_seconds": round(seconds["masked"], 2),
         "tuning_seconds": round(seconds["unmasked_tuning"], 2),
         "images_per_s": round(main_steps * batch_size / max(seconds["masked"], 1e-9), 2),

@@ -305,7 +305,8 @@ def _mean_curve(arm: Arm) -> tuple[list[int], list[float]]:
     by_step = defaultdict(list)
     for cell in arm.cells:
         for step, loss in cell["loss_curve"]:
-            by_step[step].append(loss)
+            if loss is not None:  # a logging window whose every step was skipped has no loss
+                by_step[step].append(loss)
     steps = sorted(by_step)
     return steps, [statistics.fmean(by_step[s]) for s in steps]
 

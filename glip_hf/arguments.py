@@ -432,7 +432,7 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
     for names, test, expected in _RUN_BOUNDS:
         for name in names:
             _require(values[name] is None or test(values[name]), name, values[name], expected)
-    if data.dataset_name in _FILE_BUILDERS and data.data_files is None and data.data_dir is None:
+    if _builder_without_files(data.dataset_name, data.data_files, data.data_dir):
         raise ValueError(
             f"--dataset_name {data.dataset_name} reads files: pass --data_files (a path or glob) or --data_dir; "
             "without them datasets searches the current directory."
@@ -605,7 +605,7 @@ def validate_eval_args(args: EvalArguments) -> None:
             raise FileNotFoundError(f"{name}={value} is not a file; pass an existing file.")
     for name in ("model", "dataset", "data_dir", "data_files"):
         _require_local_path(name, getattr(args, name), hub=name in ("model", "dataset"))
-    if args.dataset in _FILE_BUILDERS and args.data_files is None and args.data_dir is None:
+    if _builder_without_files(args.dataset, args.data_files, args.data_dir):
         raise ValueError(
             f"--dataset {args.dataset} reads files: pass --data_files (a path or glob) or --data_dir; without them "
             "datasets searches the current directory."
@@ -646,11 +646,16 @@ def suite_entries(path: Path, spec: dict[str, Any], base: EvalArguments) -> list
             )
         args = EvalArguments(**{**defaults, **converted(entry, f"in entry {number}")})
         try:
-            validate_eval_args(args)
+            validate_eval_args(dataclasses.replace(args, suite=str(path)))  # as a suite's entry: --output is its base
         except (ValueError, FileNotFoundError, IsADirectoryError) as error:
             raise type(error)(f"{path}, entry {number}: {error}") from None
         entries.append(args)
     return entries
+
+
+def _builder_without_files(name: str | None, data_files: str | None, data_dir: str | None) -> bool:
+    """``name`` is one of datasets' file builders (not a folder of that name here) and no files were given."""
+    return name in _FILE_BUILDERS and data_files is None and data_dir is None and not Path(name).exists()
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -93,6 +93,11 @@ def check_init_from(name_or_path: str) -> None:
             f"init_from={name_or_path} could not be read ({reason}); "
             "pass a CLIP or GLIP checkpoint directory or Hub id."
         ) from None
+    if (Path(name_or_path) / "progress.json").is_file():  # a training checkpoint: its weights may be sharded or
+        raise ValueError(  # named after the compiled model, which from_pretrained would silently leave unloaded
+            f"init_from={name_or_path} is a training checkpoint; pass --resume_from_checkpoint {name_or_path} to "
+            "continue that run, or init_from the run's output directory (the model it saved at its end)."
+        )
     if config.get("model_type") not in ("clip", "glip"):
         raise ValueError(
             f"init_from={name_or_path} is a {config.get('model_type')!r} checkpoint, not CLIP or GLIP; "
@@ -145,8 +150,10 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
     masking = {name: getattr(model_args, name) for name in MASKING_FIELDS if getattr(model_args, name) is not None}
     if checkpoint is not None:  # a resume: the model the checkpoint trained (its weights come with its state)
         config = GLIPConfig.from_pretrained(checkpoint, **masking)
-        config._attn_implementation = model_args.attn_implementation
-        return GLIPModel(config)
+        # In the dtype from_pretrained gave the run (an --init_from saved in bf16 trains in bf16): the state loaded
+        # next is copied into these parameters, and a float32 one beside bf16 ones would fail at the first step.
+        dtype = getattr(config, "dtype", None) or torch.float32
+        return GLIPModel._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
     if model_args.init_from:
         config = GLIPConfig.from_pretrained(model_args.init_from, **masking)
         if len(tokenizer) > config.text_config.vocab_size:

@@ -149,6 +149,8 @@ def test_bad_flags_are_one_line_errors(capsys):
         (["--lever_ratio", "2"], "--lever_ratio"),
         (["--lever_batch", "0"], "--lever_batch"),
         (["--max_batch_limit", "0"], "--max_batch_limit"),
+        (["--max_batch", "--batches", "8", "--max_batch_limit", "12"], "--max_batch_limit: 12 leaves no batch"),
+        (["--max_batch_step", "0"], "--max_batch_step"),
         (["--peak_tflops", "-1"], "--peak_tflops"),
         (["--overhead"], "--overhead"),  # with --tiny: two sets of tower sizes
     ],

@@ -337,3 +337,12 @@ def test_a_hub_dataset_while_offline_is_one_line_not_a_connection_traceback(tmp_
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=r"dataset 'someone/no-such-data' could not be reached .*check"):
         load_image_text_dataset(DataArguments(dataset_name="someone/no-such-data", cache_dir=str(tmp_path)), "train")
+
+
+def test_a_saved_dataset_folder_named_like_a_builder_is_read_not_refused(tmp_path, monkeypatch):
+    from glip_hf.arguments import _builder_without_files
+
+    monkeypatch.chdir(tmp_path)
+    assert _builder_without_files("json", None, None)
+    (tmp_path / "json").mkdir()  # a save_to_disk folder called json, read as a dataset by its path
+    assert not _builder_without_files("json", None, None)

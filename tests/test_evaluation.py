@@ -414,6 +414,9 @@ def test_a_suite_output_with_a_dot_in_its_name_keeps_it(saved_model_dir, eval_da
     assert {p.name for p in tmp_path.glob("mask0.5.*")} == {"mask0.5.md", "mask0.5.csv", "mask0.5.json"}
     run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "named.json")))
     assert {p.name for p in tmp_path.glob("named.*")} == {"named.md", "named.csv", "named.json"}
+    (tmp_path / "folder").mkdir()  # a suite's --output names its files' base, even where a folder has that name
+    run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "folder")))
+    assert {p.name for p in tmp_path.glob("folder.*")} == {"folder.md", "folder.csv", "folder.json"}
 
 
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):

@@ -550,16 +550,23 @@ def test_card_of_an_unmasked_tuning_run_names_the_masked_pre_training(run_dir, t
         "mask_ratio 0.5, sigma 0.2"
     )
     assert _row(text, "unmasked tuning") == (
-        "this whole run: 1 step with masking off, learning rate 0.002, from `<local>/run`"
+        "this whole run: 1 step with masking off (learning rate 0.002), from `<local>/run`"
     ), _row(text, "unmasked tuning")
+    from dataclasses import replace
+
+    record = read_run(tuned)  # with a tuning stage of its own: its last steps ran at the tuning learning rate
+    config = {**record.run_config, "unmasked_tuning_steps": 2, "unmasked_tuning_learning_rate": 1e-5}
+    staged = replace(record, run_config=config, summary={**record.summary, "steps": 5, "main_steps": 3})
+    assert _row(_card_text(staged)[0], "unmasked tuning") == (
+        "this whole run: 5 steps with masking off (3 steps at learning rate 0.002, then 2 steps at 1e-05), from "
+        "`<local>/run`"
+    )
     assert "tuned with masking off (the paper's unmasked tuning)" in text
     assert "this checkpoint's config has mask_ratio 0" in usage_snippet(text).lower()
     folder = glip_hf.hub.prepare_folder(tuned, tmp_path / "published", "glip", repo_id=REPO_ID)
     assert (folder / "README.md").is_file() and list(folder.glob("*.png"))  # the mask picture of the pre-training
 
     # Without the record (a run before this change): not called plain CLIP pre-training either.
-    from dataclasses import replace
-
     record = read_run(tuned)
     text, tags = _card_text(replace(record, summary={k: v for k, v in record.summary.items() if k != "init_masking"}))
     assert "plain CLIP pre-training" not in _row(text, "patch masking") and "gaussian-masking" not in tags

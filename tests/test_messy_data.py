@@ -294,14 +294,16 @@ def test_every_eval_task_completes_on_the_messy_dataset(messy, saved_model_dir, 
     want = {
         "zeroshot_classification": images_only,  # captions are not read
         "retrieval": expected,  # a row without caption text cannot be retrieved: skipped
-        "linear_probe": {k: 2 * v for k, v in images_only.items()},  # train and test splits
+        "linear_probe": images_only,  # the test split's, beside its num_samples (skipped_by_split: each split's)
     }[task]
     args = EvalArguments(model=str(saved_model_dir), dataset=str(path), task=task, batch_size=16)
     result = evaluate_model(args)
     json.dumps(result)
     assert {k: v for k, v in result["skipped"].items() if v} == want
     assert result["num_skipped"] == sum(want.values())
-    assert result["num_samples"] == 100 - sum(want.values()) // (2 if task == "linear_probe" else 1)
+    assert result["num_samples"] == 100 - sum(want.values())
+    if task == "linear_probe":  # the same messy rows in both splits
+        assert [split["skipped"] for split in result["skipped_by_split"].values()] == [result["skipped"]] * 2
     assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
     line = summary_line(result)
     assert f"skipped={result['num_skipped']} (" in line and f"undecodable_image {want['undecodable_image']}" in line

@@ -554,14 +554,16 @@ def test_a_checkpoint_resumes_only_with_the_model_it_was_written_for(tmp_path):
         in_process(tmp_path, *flags, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "4")
 
 
-def test_a_resume_trains_the_checkpoints_model_whatever_init_from_says_then(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_resume_trains_the_checkpoints_model_whatever_init_from_says_then(tmp_path, dtype):
     """A run from --init_from (a FLIP model: random masking, 75%), requeued without the flag (its path may be gone):
     the resume rebuilt the model from the command line, GLIPConfig's Gaussian 50%, and trained on silently with
     other masks. A checkpoint now holds its model's config and image processor, so a resume trains what it saved,
     to the same weights as the uninterrupted run, and the run still records where it started."""
     flip = tmp_path / "flip"
     in_process(tmp_path, "--max_steps", "1", "--unmasked_tuning_steps", "0", "--output_dir", str(flip / "run"))
-    GLIPModel.from_pretrained(flip / "run", mask_ratio=0.75, mask_strategy="random").save_pretrained(flip / "model")
+    flip_model = GLIPModel.from_pretrained(flip / "run", mask_ratio=0.75, mask_strategy="random")
+    flip_model.to(dtype).save_pretrained(flip / "model")  # saved in bf16, it trains in bf16 (from_pretrained's dtype)
     for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copy(flip / "run" / name, flip / "model" / name)
     flags = ["--max_steps", "4", "--unmasked_tuning_steps", "0", "--save_steps", "2", "--eval_at_end", "false"]
@@ -591,6 +593,19 @@ def test_a_resume_trains_the_checkpoints_model_whatever_init_from_says_then(tmp_
     assert yaml_load(resumed_dir / "run_config.yaml")["init_from"] == str(flip / "model")
     summary = json.loads((resumed_dir / "train_summary.json").read_text())
     assert summary["init_masking"]["mask_strategy"] == "random"
+
+
+def test_a_training_checkpoint_is_no_init_from(tmp_path):
+    """Checkpoints hold config.json now, so --init_from took one: from a compiled run's checkpoint it loaded no weight
+    (named _orig_mod.*) and trained a random model; from an FSDP one, a traceback."""
+    from glip_hf.training import check_init_from
+
+    flags = ["--max_steps", "1", "--unmasked_tuning_steps", "0", "--save_steps", "1", "--eval_at_end", "false"]
+    in_process(tmp_path, *flags)
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-1"
+    with pytest.raises(ValueError, match=r"is a training checkpoint; pass --resume_from_checkpoint .* or init_from"):
+        check_init_from(str(checkpoint))
+    check_init_from(str(tmp_path / "out"))  # the run's own model directory is fine
 
 
 def test_a_checkpoint_without_its_models_config_resumes_only_with_its_init_from(tmp_path):

@@ -277,3 +277,14 @@ def test_report_only_without_cells_is_an_error_and_keeps_the_report(tmp_path, mo
     assert len(lines) == 1 and "--report_only" in lines[0] and str(cells) in lines[0], lines
     assert "without --report_only" in lines[0]
     assert report.read_text() == "# Reproduction\n\nthe finished grid's report\n"
+
+
+def test_a_logging_window_without_a_loss_is_kept_in_the_cell(tmp_path):
+    """metrics.jsonl writes null for a window whose every step was skipped: the cell's record crashed on it."""
+    from experiments.grid import _training_record
+    from glip_hf.tracking import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": 2.0, "stage": "masked", "images_per_s": 10.0})
+    log.write({"step": 2, "loss": float("nan"), "stage": "masked", "images_per_s": 10.0})
+    assert _training_record(tmp_path, 8, 2)["loss_curve"] == [[1, 2.0], [2, None]]

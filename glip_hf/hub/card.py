@@ -400,11 +400,15 @@ def tuning_description(record: RunRecord) -> str:
     config = record.run_config
     tuning = int(config.get("unmasked_tuning_steps") or 0)
     if record.tuned_from is not None:
-        steps = _count(int(record.summary["steps"]), "step")
-        return (
-            f"this whole run: {steps} with masking off, learning rate {config.get('learning_rate')}, from "
-            f"`{record.tuned_from['init_from']}`"
-        )
+        main, tuned = stage_steps(config, record.summary)
+        rates = f"learning rate {config.get('learning_rate')}"
+        if tuned:  # its own --unmasked_tuning_steps stage ran at the tuning rate
+            rates = (
+                f"{_count(main, 'step')} at learning rate {config.get('learning_rate')}, then {_count(tuned, 'step')}"
+                f" at {config.get('unmasked_tuning_learning_rate')}"
+            )
+        steps = _count(main + tuned, "step")
+        return f"this whole run: {steps} with masking off ({rates}), from `{record.tuned_from['init_from']}`"
     if tuning:
         return (
             f"{_count(tuning, 'step')} with masking off, learning rate {config.get('unmasked_tuning_learning_rate')}"
