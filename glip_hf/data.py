@@ -89,7 +89,8 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
         # With --data_dir alone, the split's shards are found as datasets finds them (train-*.tar, test-*.tar, ...).
         patterns = data_files if data_files is not None else _split_patterns(data_dir, split)
         repair_dir = Path(args.cache_dir) / "datasets" / "repaired-shards"
-        checked = check_webdataset_shards(patterns, data_dir, repair_dir) if patterns else None
+        wanted = [*args.image_column.split(","), args.caption_column]  # columns later samples may bring
+        checked = check_webdataset_shards(patterns, data_dir, repair_dir, wanted) if patterns else None
         if checked is not None:
             shards, features = checked
             data_files, data_dir = (shards if data_files is not None else {split: shards}), None
@@ -182,6 +183,7 @@ class TarShardCheck:
     members: int = 0
     samples: int = 0
     data_end: int = 0
+    empty: bool = False  # a well-formed archive of no member (only its end-of-archive marker)
 
 
 def check_tar_shard(path: Path) -> TarShardCheck:
@@ -196,8 +198,11 @@ def check_tar_shard(path: Path) -> TarShardCheck:
     size = path.stat().st_size
     with path.open("rb") as handle:
         if size >= END_OF_ARCHIVE and size % TAR_BLOCK == 0:
+            first = handle.read(TAR_BLOCK)
             handle.seek(size - END_OF_ARCHIVE)
             if not any(handle.read(END_OF_ARCHIVE)):
+                if not any(first):  # no header at all: datasets would infer no column from it
+                    return TarShardCheck(path, intact=False, empty=True)
                 return TarShardCheck(path, intact=True)
         members, data_end, keys, clean_end = 0, 0, [], False
         try:
@@ -269,23 +274,26 @@ def _first_sample_fields(path: Path, count: int) -> list[list[str]]:
     return samples
 
 
-def webdataset_features(first_shard: Path) -> datasets.Features | None:
+def webdataset_features(first_shard: Path, wanted: Sequence[str] = ()) -> datasets.Features | None:
     """Column types to hand ``load_dataset("webdataset")`` when it cannot infer them, else None.
 
     datasets infers the columns from the first 5 samples of the first shard and refuses to load when their members
-    differ (one lacks its caption, say). Then the columns are the union of those samples' members, typed as datasets
-    types them (an image extension: ``Image``; ``txt``: string; ``cls``: int64); a sample without one of them gets
-    None there, which the collator counts as a missing image or caption. None too when a member's type cannot be
-    told from its extension (``json``, ...): datasets then raises its own error.
+    differ (one lacks its caption, say), and has no column for a member that only later samples have (``png``
+    samples after five ``jpg`` ones: with ``--image_column jpg,png`` they were all lost as missing images). Then the
+    columns are the union of those samples' members and the ``wanted`` ones (the image and caption columns asked
+    for), typed as datasets types them (an image extension: ``Image``; ``txt``: string; ``cls``: int64); a sample
+    without one of them gets None there, which the collator counts as a missing image or caption. None too when a
+    member's type cannot be told from its extension (``json``, ...): datasets then raises its own error.
     """
     import datasets
     from datasets.packaged_modules.webdataset.webdataset import WebDataset
 
     fields = _first_sample_fields(first_shard, WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE)
-    if len({frozenset(sample) for sample in fields}) <= 1:
+    seen = {field_name for sample in fields for field_name in sample}
+    if len({frozenset(sample) for sample in fields}) <= 1 and set(wanted) <= seen:
         return None
     columns = {}
-    for name in dict.fromkeys(field_name for sample in fields for field_name in sample):
+    for name in dict.fromkeys([*(f for sample in fields for f in sample), *wanted]):
         extension = name.rsplit(".", 1)[-1].lower()
         if extension in WebDataset.IMAGE_EXTENSIONS:
             columns[name] = datasets.Image()
@@ -341,7 +349,7 @@ def image_folders(data_files: str | None, data_dir: str | None) -> tuple[str, ..
 
 
 def check_webdataset_shards(
-    data_files: str | list[str], data_dir: str | None, repair_dir: Path
+    data_files: str | list[str], data_dir: str | None, repair_dir: Path, wanted: Sequence[str] = ()
 ) -> tuple[list[str], datasets.Features | None] | None:
     """The shards to load for local ``.tar`` webdataset ``data_files``, and the column types if they need giving.
 
@@ -364,6 +372,9 @@ def check_webdataset_shards(
         if check.intact:
             shards.append(file)
             continue
+        if check.empty:
+            warnings.warn(f"webdataset shard {check.path} is an empty archive: it is left out.", stacklevel=2)
+            continue
         lost = f"{check.path} is truncated or corrupt after byte {check.data_end} of {check.path.stat().st_size}"
         if check.members == 0:
             warnings.warn(f"webdataset shard {lost}: it holds no whole sample and is left out.", stacklevel=2)
@@ -375,7 +386,7 @@ def check_webdataset_shards(
         shards.append(str(_repaired_copy(check, repair_dir)))
     if not shards:
         raise ValueError(f"--data_files {data_files}: every shard is empty or damaged before its first sample.")
-    return shards, webdataset_features(Path(shards[0]))
+    return shards, webdataset_features(Path(shards[0]), wanted)
 
 
 def column_names(dataset: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -449,6 +460,15 @@ class AmbiguousImagePath(ValueError):
         super().__init__(message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
 
 
+def _is_file(path: str | Path) -> bool:
+    """``Path(path).is_file()``, False also where the path cannot be looked at (a name too long for the file
+    system, a folder without permission, an I/O error, a NUL byte), which ``is_file`` raises instead."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def locate_image(value: Any, folders: Sequence[str]) -> Any:
     """An image cell with its relative path made to point at a file: as given when that is a file relative to the
     current directory, else the one of ``folders`` (see `image_folders`) holding it. A cell whose path is found
@@ -456,9 +476,9 @@ def locate_image(value: Any, folders: Sequence[str]) -> Any:
     in two folders (two data files' folders each holding an ``imgs/0.png``, say) is an `AmbiguousImagePath`: taking
     the first would pair a row of the second data file with the first one's image."""
     data = image_data(value)
-    if not folders or not isinstance(data, (str, Path)) or Path(data).is_absolute() or Path(data).is_file():
+    if not folders or not isinstance(data, (str, Path)) or Path(data).is_absolute() or _is_file(data):
         return value
-    holding = [folder for folder in folders if (Path(folder) / data).is_file()]
+    holding = [folder for folder in folders if _is_file(Path(folder) / data)]
     if not holding:
         return value
     if len({(Path(folder) / data).resolve() for folder in holding}) > 1:
@@ -481,10 +501,13 @@ def load_image(
     value = locate_image(value, folders)
     data = image_data(value)
     if isinstance(data, (str, Path)):
-        if not Path(data).is_file():
+        if not _is_file(data):
             return "missing_image"
-        if Path(data).stat().st_size == 0:
-            return "empty_image"
+        try:
+            if Path(data).stat().st_size == 0:
+                return "empty_image"
+        except OSError:  # gone or unreadable since
+            return "missing_image"
     elif data is None:
         return "missing_image"
     elif isinstance(data, (bytes, bytearray)) and not data:
@@ -517,7 +540,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in DEEP_MODES:
+        key = image.info.get("transparency")  # a colour key, lost by the scaling: kept as an alpha channel
+        transparent = np.asarray(image) == key if isinstance(key, (int, float)) else None
         image = scale_to_8bit(image)
+        if transparent is not None:
+            image.putalpha(Image.fromarray(np.where(transparent, 0, 255).astype(np.uint8)))
     if image.mode in ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

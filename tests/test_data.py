@@ -201,3 +201,90 @@ def test_a_folder_of_shards_named_as_the_dataset_reads_a_latin1_caption_as_none(
             dst.addfile(member, io.BytesIO(payload))
     loaded = load_image_text_dataset(data_args(tmp_path, dataset_name=str(folder), streaming=streaming), "train")
     assert [row["txt"] is None for row in prepare_for_decoding(loaded, ["jpg"])] == [False, False, True]
+
+
+def _tar(path, samples) -> None:
+    """A webdataset shard of ``samples``: ``(key, extension, image format or None for a caption)`` members in order."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w") as tar:
+        for key, extension, fmt in samples:
+            if fmt is None:
+                data = f"caption {key}".encode()
+            else:
+                buffer = io.BytesIO()
+                Image.new("RGB", (12, 12), (int(key) * 20 % 256, 0, 0)).save(buffer, fmt)
+                data = buffer.getvalue()
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _sample(i: int, image: str = "jpg") -> list:
+    return [(f"{i:06d}", image, "PNG" if image == "png" else "JPEG"), (f"{i:06d}", "txt", None)]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_webdataset_png_samples_after_five_jpg_ones_are_read(tmp_path, tokenizer, streaming):
+    """datasets infers a shard's columns from its first 5 samples: with --image_column jpg,png, the png samples after
+    them had no column and were all counted as missing images."""
+    (tmp_path / "shards").mkdir()
+    _tar(tmp_path / "shards" / "000.tar", [m for i in range(8) for m in _sample(i, "jpg" if i < 6 else "png")])
+    args = data_args(tmp_path, dataset_name="webdataset", data_files=str(tmp_path / "shards" / "*.tar"))
+    args.image_column, args.caption_column, args.streaming = "jpg,png", "txt", streaming
+    batch = collate(load_image_text_dataset(args, "train"), tokenizer, "jpg,png", "txt")
+    assert batch["pixel_values"].shape[0] == 8 and not batch["skipped"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_webdataset_sample_written_twice_keeps_its_first_copy(tmp_path, streaming):
+    """datasets raised on a repeated member: the split was refused, a streaming run died partway through."""
+    (tmp_path / "shards").mkdir()
+    members = [m for i in (0, 1, 2, 2, 3) for m in _sample(i)]
+    _tar(tmp_path / "shards" / "000.tar", members)
+    args = data_args(tmp_path, dataset_name="webdataset", data_files=str(tmp_path / "shards" / "*.tar"))
+    args.streaming = streaming
+    assert [row["__key__"] for row in load_image_text_dataset(args, "train")] == [
+        "000000",
+        "000001",
+        "000002",
+        "000003",
+    ]
+
+
+def test_an_empty_archive_as_the_first_shard_is_left_out_with_a_warning(tmp_path):
+    """A well-formed tar of no member was taken as a whole shard; datasets inferred no column from it and refused the
+    split with "Must pass at least one table", naming no file."""
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    tarfile.open(tmp_path / "shards" / "000.tar", "w").close()
+    _tar(tmp_path / "shards" / "001.tar", [m for i in range(6) for m in _sample(i)])
+    args = data_args(tmp_path, dataset_name="webdataset", data_files=str(tmp_path / "shards" / "*.tar"))
+    with pytest.warns(UserWarning, match=r"000\.tar is an empty archive: it is left out"):
+        assert len(load_image_text_dataset(args, "train")) == 6
+
+
+def test_an_image_path_the_file_system_cannot_look_at_is_a_missing_image():
+    """A file name longer than the file system allows made is_file() raise: a traceback that killed the run."""
+    from glip_hf.data import load_image
+
+    long = "y" * 300 + ".jpg"
+    assert load_image(long) == load_image(f"imgs/{long}", folders=("/tmp",)) == "missing_image"
+    assert load_image({"bytes": None, "path": long}, folders=("/tmp",)) == "missing_image"
+
+
+def test_a_16_bit_image_with_a_transparent_colour_key_is_composited_over_white():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from glip_hf.data import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0, 65535]], np.uint16)).save(buffer, "PNG", transparency=0)
+    assert np.asarray(decode_image(buffer.getvalue()))[0, :, 0].tolist() == [255, 255]  # the key was drawn black
