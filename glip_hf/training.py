@@ -260,6 +260,11 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         with _warnings_once(accelerator):
             check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
         run_config.update(restored_settings(checkpoint))  # what this run trains with, recorded for its next resume
+    if uses_fsdp(accelerator) and training_args.loss == "siglip":
+        raise ValueError(  # Accelerate's FSDP2 maps every optimizer parameter to a sharded model one: a KeyError
+            "loss='siglip' under FSDP is not supported: SigLIP's bias is a parameter of the loss, outside the model, "
+            "and Accelerate cannot shard an optimizer holding it; train with DDP, or pass --loss clip."
+        )
     resumed_model = checkpoint if checkpoint is not None and (checkpoint / "config.json").is_file() else None
     if model_args.init_from and resumed_model is None:  # a resume rebuilds the checkpoint's model instead
         check_init_from(model_args.init_from)

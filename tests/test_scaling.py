@@ -189,3 +189,19 @@ def test_end_processes_destroys_the_process_group():
         if dist.is_initialized():
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_siglip_under_fsdp_is_refused_in_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    """Accelerate's FSDP2 maps every optimizer parameter to a sharded model parameter: SigLIP's bias, a parameter of
+    the loss, made `prepare` raise a KeyError traceback on every rank (found by an outside audit). Refused first."""
+    import glip_hf.training
+    from glip_hf.arguments import parse_run_args
+
+    monkeypatch.setattr(glip_hf.training, "uses_fsdp", lambda accelerator: True)
+    argv = [*TINY_RUN, "--loss", "siglip", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path)]
+    try:
+        with pytest.raises(ValueError, match=r"loss='siglip' under FSDP is not supported: .* pass --loss clip"):
+            glip_hf.training.train(*parse_run_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not (tmp_path / "out").exists()
