@@ -98,6 +98,11 @@ def check_init_from(name_or_path: str) -> None:
             f"init_from={name_or_path} is a training checkpoint; pass --resume_from_checkpoint {name_or_path} to "
             "continue that run, or init_from the run's output directory (the model it saved at its end)."
         )
+    if not config:  # an empty folder (an earlier run that stopped before saving), or one of other files
+        raise FileNotFoundError(
+            f"init_from={name_or_path} holds no model (no config.json); pass the output directory of a finished run "
+            "or a CLIP / GLIP checkpoint."
+        )
     if config.get("model_type") not in ("clip", "glip"):
         raise ValueError(
             f"init_from={name_or_path} is a {config.get('model_type')!r} checkpoint, not CLIP or GLIP; "
@@ -231,10 +236,14 @@ def _resolve_tokenizer(accelerator, model_args, data_args, training_args, train_
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> TrainResult:
     """Run pre-training as configured; returns where the model went and what it measured."""
+    output_dir = Path(training_args.output_dir)
+    created = not output_dir.exists()
     try:
         return _train(model_args, data_args, training_args)
     except BaseException:
         shutil.rmtree(_tokenizer_staging(training_args), ignore_errors=True)  # a failed start leaves nothing behind
+        if created and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()  # made by this start and left empty: it read as a run, --init_from took it
         raise
 
 

@@ -163,6 +163,13 @@ PRETRAINING_CASES = [
     ("learning_rate_overflows", ["--learning_rate", "1e38"], None, r"learning_rate=1e\+38 .*at most 1e30"),
     ("builder_without_files", ["--dataset_name", "parquet"], None, r"--dataset_name parquet reads files: pass"),
     ("hidden_act_unknown", ["--hidden_act", "relu6"], None, r"hidden_act='relu6' .*quick_gelu or gelu"),
+    # A walkthrough of the README: datasets blamed an empty metadata file for a glob that matched nothing.
+    (
+        "data_files_glob_matches_nothing",
+        ["--dataset_name", "webdataset", "--data_files", "{tmp}/none/*.tar"],
+        None,
+        r"data_files .*none/\*\.tar matches no file; pass",
+    ),
 ]
 
 EVAL_CASES = [
@@ -346,3 +353,14 @@ def test_a_saved_dataset_folder_named_like_a_builder_is_read_not_refused(tmp_pat
     assert _builder_without_files("json", None, None)
     (tmp_path / "json").mkdir()  # a save_to_disk folder called json, read as a dataset by its path
     assert not _builder_without_files("json", None, None)
+
+
+def test_an_empty_init_from_folder_is_said_to_hold_no_model_and_a_failed_start_leaves_no_folder(tmp_path, capsys):
+    """A start that failed left an empty output folder; --init_from that folder then said "a None checkpoint"."""
+    (tmp_path / "empty").mkdir()
+    argv = [*TINY, "--init_from", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        run_pretraining.main([*argv, "--cache_dir", str(tmp_path / "cache")])
+    assert stop.value.code == 2
+    assert "empty holds no model (no config.json); pass" in assert_one_line_error(capsys, "run_pretraining.py", "init")
+    assert not (tmp_path / "out").exists()

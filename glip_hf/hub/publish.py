@@ -50,7 +50,7 @@ REQUIRED_PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json")
 RUN_RECORDS = {"run_config.yaml": "run_config", "train_summary.json": "train_summary", "loss_curve.png": "loss_curve"}
 MASK_PICTURE = "masks.png"
 MASK_PICTURE_DRAWS = 4096
-TOKEN_HELP = "run `hf auth login` (or `huggingface-cli login`) with a token that can write, or set HF_TOKEN"
+TOKEN_HELP = "run `hf auth login` with a token that can write, or set HF_TOKEN"
 
 
 def default_repo_id(run_dir: str | Path) -> str:
@@ -79,7 +79,7 @@ def _output_dir(out: Path, run_dir: Path, overwrite: bool) -> None:
     if out.resolve() == run_dir.resolve() or out.resolve() in run_dir.resolve().parents:
         raise ValueError(f"--out {out} would replace the run directory {run_dir}; pass another folder.")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it.")
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it.")
 
 
 def _scene_tensor(image_size: int) -> torch.Tensor:
