@@ -292,20 +292,26 @@ def webdataset_features(first_shard: Path, wanted: Sequence[str] = ()) -> datase
     import datasets
     from datasets.packaged_modules.webdataset.webdataset import WebDataset
 
-    fields = _first_sample_fields(first_shard, WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE)
-    seen = {field_name for sample in fields for field_name in sample}
-    if len({frozenset(sample) for sample in fields}) <= 1 and set(wanted) <= seen:
-        return None
-    columns = {}
-    for name in dict.fromkeys([*(f for sample in fields for f in sample), *wanted]):
+    def kind(name: str) -> datasets.Image | datasets.Value | None:
         extension = name.rsplit(".", 1)[-1].lower()
         if extension in WebDataset.IMAGE_EXTENSIONS:
-            columns[name] = datasets.Image()
-        elif extension in WEBDATASET_TEXT_EXTENSIONS:
-            columns[name] = datasets.Value("string")
-        elif extension in WEBDATASET_INT_EXTENSIONS:
-            columns[name] = datasets.Value("int64")
-        else:
+            return datasets.Image()
+        if extension in WEBDATASET_TEXT_EXTENSIONS:
+            return datasets.Value("string")
+        if extension in WEBDATASET_INT_EXTENSIONS:
+            return datasets.Value("int64")
+        return None
+
+    fields = _first_sample_fields(first_shard, WebDataset.NUM_EXAMPLES_FOR_FEATURES_INFERENCE)
+    seen = {field_name for sample in fields for field_name in sample}
+    # A wanted name no member type can have (--image_column image on shards of jpg) is left to the column check.
+    later = [name for name in wanted if name not in seen and kind(name) is not None]
+    if len({frozenset(sample) for sample in fields}) <= 1 and not later:
+        return None
+    columns = {}
+    for name in dict.fromkeys([*(f for sample in fields for f in sample), *later]):
+        columns[name] = kind(name)
+        if columns[name] is None:
             return None
     return datasets.Features({**columns, "__key__": datasets.Value("string"), "__url__": datasets.Value("string")})
 
