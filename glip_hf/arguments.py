@@ -432,11 +432,7 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
     for names, test, expected in _RUN_BOUNDS:
         for name in names:
             _require(values[name] is None or test(values[name]), name, values[name], expected)
-    if _builder_without_files(data.dataset_name, data.data_files, data.data_dir):
-        raise ValueError(
-            f"--dataset_name {data.dataset_name} reads files: pass --data_files (a path or glob) or --data_dir; "
-            "without them datasets searches the current directory."
-        )
+    _check_builder_files("--dataset_name", data.dataset_name, data.data_files, data.data_dir)
     for name in ("data_files", "data_dir"):  # without a dataset_name they were ignored: the built-in data trained
         if data.dataset_name is None and getattr(data, name) is not None:
             raise ValueError(
@@ -605,11 +601,7 @@ def validate_eval_args(args: EvalArguments) -> None:
             raise FileNotFoundError(f"{name}={value} is not a file; pass an existing file.")
     for name in ("model", "dataset", "data_dir", "data_files"):
         _require_local_path(name, getattr(args, name), hub=name in ("model", "dataset"))
-    if _builder_without_files(args.dataset, args.data_files, args.data_dir):
-        raise ValueError(
-            f"--dataset {args.dataset} reads files: pass --data_files (a path or glob) or --data_dir; without them "
-            "datasets searches the current directory."
-        )
+    _check_builder_files("--dataset", args.dataset, args.data_files, args.data_dir)
     if args.output is not None and args.suite is None and Path(args.output).is_dir():
         raise IsADirectoryError(f"output={args.output} is a directory; pass a file path such as results.json.")
     blocking = [p for p in Path(args.output or ".").parents if p.exists() and not p.is_dir()]
@@ -656,6 +648,15 @@ def suite_entries(path: Path, spec: dict[str, Any], base: EvalArguments) -> list
 def _builder_without_files(name: str | None, data_files: str | None, data_dir: str | None) -> bool:
     """``name`` is one of datasets' file builders (not a folder of that name here) and no files were given."""
     return name in _FILE_BUILDERS and data_files is None and data_dir is None and not Path(name).exists()
+
+
+def _check_builder_files(flag: str, name: str | None, data_files: str | None, data_dir: str | None) -> None:
+    """One-line error for a file builder given no files: datasets would search the current directory."""
+    if _builder_without_files(name, data_files, data_dir):
+        raise ValueError(
+            f"{flag} {name} reads files: pass --data_files (a path or glob) or --data_dir; without them datasets "
+            "searches the current directory."
+        )
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

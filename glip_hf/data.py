@@ -76,19 +76,18 @@ def load_image_text_dataset(args: DataArguments, split: str) -> datasets.Dataset
             )
         return loaded.to_iterable_dataset() if args.streaming else loaded
     data_files, data_dir, features = args.data_files, args.data_dir, None
+    where = f" in --data_dir {data_dir}" if data_dir is not None else ""
     if data_files is not None and not any(ch in data_files for ch in "*?["):
         # datasets reads data_files relative to data_dir when it is given (an absolute path stays as it is)
         base = Path(data_dir).expanduser() if data_dir is not None else Path()
         if not (base / Path(data_files).expanduser()).exists():
-            where = f" in --data_dir {data_dir}" if data_dir is not None else ""
             raise FileNotFoundError(
                 f"data_files {data_files} does not exist{where}; pass an existing file (relative to --data_dir when "
                 "it is given) or a glob."
             )
-    if isinstance(data_files, str) and "://" not in data_files and any(ch in data_files for ch in "*?["):
-        if not resolve_data_files(data_files, data_dir):  # datasets' own message blamed a metadata file
-            where = f" in --data_dir {data_dir}" if data_dir is not None else ""
-            raise FileNotFoundError(f"data_files {data_files} matches no file{where}; pass a glob of your files.")
+    elif data_files is not None and "://" not in data_files and not resolve_data_files(data_files, data_dir):
+        # a local glob that matches nothing: datasets' own message blamed a metadata file
+        raise FileNotFoundError(f"data_files {data_files} matches no file{where}; pass a glob of your files.")
     if name == "webdataset" and (data_files is not None or data_dir is not None):
         # With --data_dir alone, the split's shards are found as datasets finds them (train-*.tar, test-*.tar, ...).
         patterns = data_files if data_files is not None else _split_patterns(data_dir, split)

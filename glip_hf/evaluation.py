@@ -419,9 +419,9 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, accele
     # Truncate at the text tower's context too: a tokenizer may allow longer inputs than the model embeds.
     context = model.config.text_config.max_position_embeddings
     keys = [tuple(ids) for ids in tokenizer(list(texts), truncation=True, max_length=context)["input_ids"]]
-    first = dict.fromkeys(keys)  # one representative text per distinct token sequence, in order of appearance
+    first: dict[tuple[int, ...], str] = {}  # one text per distinct token sequence, in order of appearance
     for key, text in zip(keys, texts):
-        first[key] = first[key] if first[key] is not None else text
+        first.setdefault(key, text)
     distinct = list(first.values())
     position = {key: i for i, key in enumerate(first)}
 
@@ -657,9 +657,12 @@ def fit_linear_probe(
     return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}, chosen
 
 
+PROBE_SPLIT_FLAGS = {"train": "train_split", "test": "split", "val": "val_split"}  # the probe's roles -> flags
+
+
 def run_linear_probe(args, model, tokenizer, image_processor, accelerator, mask_draws) -> list[dict[str, Any]]:
     """A probe fit on each mask draw's features (the splits are loaded once)."""
-    splits = {"train": args.train_split, "test": args.split, "val": args.val_split}
+    splits = {role: getattr(args, flag) for role, flag in PROBE_SPLIT_FLAGS.items()}
     datasets_by_role = {}
     for role, split in splits.items():
         if split is None:
@@ -698,8 +701,7 @@ def _linear_probe(
         "num_samples": len(encoded["test"][1]),
         **skip_counts(encoded["test"][2]),  # of the evaluated split, beside its num_samples
         "skipped_by_split": {
-            f"{role} ({getattr(args, f'{role}_split' if role != 'test' else 'split')})": skip_counts(e[2])
-            for role, e in encoded.items()
+            f"{role} ({getattr(args, PROBE_SPLIT_FLAGS[role])})": skip_counts(e[2]) for role, e in encoded.items()
         },
         "num_classes": num_classes,
         "num_train_samples": len(encoded["train"][1]),

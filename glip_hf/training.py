@@ -752,10 +752,7 @@ def _finish(run: _Run, held_out, data_args: DataArguments, metrics: MetricsLog) 
             model, tokenizer, image_processor, held_out, data_args, training_args, accelerator
         )
     if accelerator.is_main_process:
-        summary = {
-            **run_summary(progress, accelerator, main_steps),
-            "held_out_zero_shot": eval_metrics,
-        }
+        summary = {**run_summary(progress, accelerator, main_steps), "held_out_zero_shot": eval_metrics}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
         print(
             f"Saved the model to {output_dir}. Skipped samples: {summary['num_skipped']} {progress.skipped}; "
