@@ -538,8 +538,10 @@ def _check_schedule(data: DataArguments, training: TrainingArguments) -> None:
 
 
 def _check_run_paths(model: ModelArguments, data: DataArguments, training: TrainingArguments) -> None:
+    # A resume trains the checkpoint's model: its init_from may be gone (training checks it when there is none).
+    init_from = None if training.resume_from_checkpoint else model.init_from
     for name, value in (
-        ("init_from", model.init_from),
+        ("init_from", init_from),
         ("tokenizer_name", model.tokenizer_name),
         ("dataset_name", data.dataset_name),
         ("data_dir", data.data_dir),
@@ -625,6 +627,7 @@ def suite_entries(path: Path, spec: dict[str, Any], base: EvalArguments) -> list
             )
         return {key: _coerce_yaml_value(key, value, hints[key], path) for key, value in mapping.items()}
 
+    fields -= {"suite", "output"}  # the command line's: a suite writes one table at --output
     shared = converted({k: v for k, v in spec.items() if k != "entries"}, "at the top level")
     defaults = {**dataclasses.asdict(base), **shared, "suite": None}
     if base.model is not None:

@@ -173,8 +173,13 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
                 f"{tokenizer.eos_token_id}; the text tower now pools at {tokenizer.eos_token_id}.",
                 stacklevel=2,
             )
+        # float32 whatever dtype it was saved in: mixed precision is autocast's, and bf16 parameters would lose the
+        # small updates of a tuning run (transformers would load a bf16-saved checkpoint in bf16).
         return GLIPModel.from_pretrained(
-            model_args.init_from, config=config, attn_implementation=model_args.attn_implementation
+            model_args.init_from,
+            config=config,
+            attn_implementation=model_args.attn_implementation,
+            dtype=torch.float32,
         )
     config = GLIPConfig(
         text_config=dict(

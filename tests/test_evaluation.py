@@ -384,6 +384,8 @@ def test_an_empty_split_is_a_one_line_error(saved_model_dir, eval_dataset, tmp_p
         ("entries:\n  - task: zeroshot_classification\n    seed: 1.5\n", r"seed=1.5 is invalid: expected an integer"),
         ("entries:\n  - zeroshot_classification\n", r"entry 1 is 'zeroshot_classification', not a mapping"),
         ("entries:\n  - task: zeroshot_classification\n    mask_ratio: yes\n", r"mask_ratio=True is invalid"),
+        ("entries:\n  - task: retrieval\n    output: o.json\n", r"unknown key\(s\) \['output'\] in entry 1"),
+        ("suite: other.yaml\nentries:\n  - task: retrieval\n", r"unknown key\(s\) \['suite'\] .*at the top level"),
     ],
 )
 def test_suite_entries_are_converted_and_checked_as_flags_are(saved_model_dir, tmp_path, text, message):
