@@ -42,6 +42,7 @@ from .data import (
     prepare_for_decoding,
 )
 from .launch import check_launch, use_cores_on_cpu
+from .linear_probe import fit_linear_probe
 from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
 from .seeding import derive_seed
@@ -554,107 +555,6 @@ def count_shared_captions(tokenizer, texts: Sequence[str], text_to_image: Sequen
     for key, image in zip(keys, text_to_image):
         images_per_key.setdefault(key, set()).add(image)
     return sum(1 for key in keys if len(images_per_key[key]) > 1)
-
-
-# Inverse regularisation strengths searched by the linear probe, in log10 (CLIP_benchmark-style: a wide sweep of
-# decades, extended while the best sits on an edge, then refined around the best).
-PROBE_LOG10_C = tuple(range(-6, 7))
-PROBE_LOG10_C_LIMITS = (-10, 10)
-PROBE_REFINE_STEPS = (0.5, 0.25)
-# L-BFGS iterations of each fit during the search and of the final fit: weakly regularised fits converge slowly, and
-# the validation score, not convergence, judges a search fit.
-PROBE_SEARCH_MAX_ITER, PROBE_FINAL_MAX_ITER = 300, 1000
-
-
-def _fit_probe(c: float, x: torch.Tensor, y: torch.Tensor, max_iter: int):
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        return LogisticRegression(C=c, max_iter=max_iter).fit(x.numpy(), y.numpy())
-
-
-def _probe_accuracy(c: float, train, val) -> float:
-    probe = _fit_probe(c, *train, PROBE_SEARCH_MAX_ITER)
-    return float((probe.predict(val[0].numpy()) == val[1].numpy()).mean())
-
-
-def search_probe_c(train, val, c_grid: Sequence[float] | None = None) -> tuple[float, float]:
-    """The C with the best validation accuracy (the smaller C on ties) and that accuracy.
-
-    Without ``c_grid``: decades 1e-6 ... 1e6, extended a decade at a time (up to 1e-10 / 1e10) while the best is
-    on an edge, then refined at half and quarter decades around the best.
-    """
-    scores: dict[float, float] = {}
-
-    def best() -> float:
-        return max(scores, key=lambda c: (scores[c], -c))
-
-    def score(cs) -> None:
-        for c in map(float, cs):
-            if c not in scores:
-                scores[c] = _probe_accuracy(c, train, val)
-
-    if c_grid is not None:
-        score(c_grid)
-        return best(), scores[best()]
-    low, high = PROBE_LOG10_C[0], PROBE_LOG10_C[-1]
-    score(10.0**k for k in range(low, high + 1))
-    while True:
-        centre = math.log10(best())
-        if round(centre) == low and low > PROBE_LOG10_C_LIMITS[0]:
-            low -= 1
-            score([10.0**low])
-        elif round(centre) == high and high < PROBE_LOG10_C_LIMITS[1]:
-            high += 1
-            score([10.0**high])
-        else:
-            break
-    for step in PROBE_REFINE_STEPS:
-        centre = math.log10(best())
-        score([10.0 ** (centre - step), 10.0 ** (centre + step)])
-    return best(), scores[best()]
-
-
-def fit_linear_probe(
-    train_x, train_y, test_x, test_y, num_classes, val_fraction=0.2, seed=0, val=None, c_grid=None
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Logistic regression on frozen features ``(N, D)``, its inverse regularisation C chosen on a validation split.
-
-    Args:
-        val: optional ``(features, labels)``; otherwise ``val_fraction`` of the training rows is held out.
-        c_grid: the C values to try; default: the wide search of [`search_probe_c`].
-    Returns:
-        ``(metrics on the test rows, {"C": chosen C, "val_top1": its validation accuracy})``; the final classifier
-        is refit on train + validation with the chosen C.
-    """
-    if len(train_y.unique()) < 2:
-        raise ValueError(
-            f"--train_split: the linear probe needs training rows of 2 or more classes; every usable one is class "
-            f"{int(train_y[0])}. Train it on a split that holds several classes."
-        )
-    if val is None:
-        order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))
-        cut = max(1, int(len(order) * val_fraction))
-        val = (train_x[order[:cut]], train_y[order[:cut]])
-        train_x, train_y = train_x[order[cut:]], train_y[order[cut:]]
-        if len(train_y.unique()) < 2:  # the other classes all went to the validation rows
-            raise ValueError(
-                f"--linear_probe_val_fraction {val_fraction} leaves training rows of one class only (of "
-                f"{len(order)} rows); pass a smaller fraction, a --val_split, or more training rows."
-            )
-    best_c, val_accuracy = search_probe_c((train_x, train_y), val, c_grid)
-    all_x, all_y = torch.cat([train_x, val[0]]), torch.cat([train_y, val[1]])
-    probe = _fit_probe(best_c, all_x, all_y, PROBE_FINAL_MAX_ITER)
-    scores = torch.full((len(test_y), num_classes), -math.inf)
-    with warnings.catch_warnings():  # a class probability of 0 gives log 0 = -inf, which ranks last as it should
-        warnings.simplefilter("ignore", RuntimeWarning)
-        log_probs = probe.predict_log_proba(test_x.numpy())
-    scores[:, torch.as_tensor(probe.classes_)] = torch.from_numpy(log_probs).float()
-    metrics = classification_metrics(scores, test_y, num_classes)
-    chosen = {"C": best_c, "val_top1": val_accuracy}
-    return {"top1": metrics["top1"], "mean_per_class_recall": metrics["mean_per_class_recall"]}, chosen
 
 
 PROBE_SPLIT_FLAGS = {"train": "train_split", "test": "split", "val": "val_split"}  # the probe's roles -> flags
