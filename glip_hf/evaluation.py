@@ -47,7 +47,7 @@ from .metrics import classification_metrics, retrieval_metrics
 from .modeling_glip import GLIPModel, masked_inference
 from .seeding import derive_seed
 from .synthetic import PROMPT_TEMPLATES, build_synthetic_dataset
-from .tokenization import check_ends_with_eos, load_pretrained_tokenizer, pooling_matches
+from .tokenization import check_tokenizer_serves, load_pretrained_tokenizer
 
 TASKS = ("zeroshot_classification", "retrieval", "linear_probe")
 EVAL_SKIP_REASONS = (*SKIP_REASONS, "missing_label")
@@ -90,19 +90,7 @@ def load_model_for_eval(name_or_path: str | None, device: torch.device | str = "
             "was trained with beside it: tokenizer.save_pretrained(DIR)."
         )
     model = GLIPModel.from_pretrained(name_or_path).to(device).eval()
-    check_ends_with_eos(tokenizer, f"--model {name_or_path}")
-    if not pooling_matches(model.config.text_config, tokenizer):
-        raise ValueError(
-            f"--model {name_or_path}: its text tower pools at eos_token_id={model.config.text_config.eos_token_id} "
-            f"but its tokenizer ends text with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its "
-            "config.json or save the matching tokenizer."
-        )
-    vocab = model.config.text_config.vocab_size
-    if len(tokenizer) > vocab:  # ids past the embedding: an IndexError, a CUDA assert, or scores of other tokens
-        raise ValueError(
-            f"--model {name_or_path}: its tokenizer has {len(tokenizer)} tokens but its text tower embeds only "
-            f"{vocab}; save the tokenizer the model was trained with beside it."
-        )
+    check_tokenizer_serves(model.config.text_config, tokenizer, f"--model {name_or_path}")
     image_processor = make_image_processor(model.config.vision_config.image_size, name_or_path, trust_remote_code)
     return model, tokenizer, image_processor
 

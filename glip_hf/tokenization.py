@@ -224,6 +224,24 @@ def check_ends_with_eos(tokenizer, source: str) -> None:
         )
 
 
+def check_tokenizer_serves(text_config, tokenizer, source: str) -> None:
+    """Raise a one-line ValueError unless ``tokenizer`` can feed the text tower of ``text_config``: every text ends
+    with its end-of-text token, the tower pools there, and every id it emits has an embedding row. ``source`` names
+    the model folder in the message (``--model DIR``, ``RUN_DIR``)."""
+    check_ends_with_eos(tokenizer, source)
+    if not pooling_matches(text_config, tokenizer):
+        raise ValueError(
+            f"{source}: its text tower pools at eos_token_id={text_config.eos_token_id} but its tokenizer ends text "
+            f"with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its config.json or save the matching "
+            "tokenizer."
+        )
+    if len(tokenizer) > text_config.vocab_size:  # ids past the embedding: an IndexError, a CUDA assert, other rows
+        raise ValueError(
+            f"{source}: its tokenizer has {len(tokenizer)} tokens but its text tower embeds only "
+            f"{text_config.vocab_size}; save the tokenizer the model was trained with beside it."
+        )
+
+
 def align_pooling_token(text_config, tokenizer, source: str) -> bool:
     """Make ``text_config`` pool at ``tokenizer``'s end-of-text token, or raise a one-line ValueError.
 

@@ -8,6 +8,7 @@ without it; only the upload call itself is faked.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -301,6 +302,7 @@ def test_check_hub_token_for_a_run_about_to_start(tmp_path, monkeypatch):
         ("eval_not_a_result", "is not a run_eval.py result"),
         ("eval_of_another_model", "evaluate the run itself"),
         ("eval_twice", "both hold zeroshot_classification on builtin[test] with unmasked inference"),
+        ("tokenizer_too_large", "tokens but its text tower embeds only"),  # the pipeline then raised an IndexError
     ],
 )
 def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tmp_path, capsys):
@@ -314,6 +316,12 @@ def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tm
         argv[3] = str(run_dir)
     elif case == "eval_twice":
         argv += ["--eval", *map(str, eval_files(run_dir)), str(eval_files(run_dir)[0])]
+    elif case == "tokenizer_too_large":
+        argv[1] = str(shutil.copytree(run_dir, tmp_path / "run"))
+        tokenizer = load_pretrained_tokenizer(argv[1])
+        vocab = json.loads((tmp_path / "run" / "config.json").read_text())["text_config"]["vocab_size"]
+        tokenizer.add_tokens([f"newword{i}" for i in range(vocab - len(tokenizer) + 1)])
+        tokenizer.save_pretrained(argv[1])
     else:
         result = {"task": "zeroshot_classification", "mask_ratio": 0.0, "metrics": {"top1": 0.5}}
         content = {

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 import yaml
 
+from ..configuration_glip import GLIPConfig
 from ..data import write_processor_config
 from ..masking import render_mask_figure
 from ..modeling_glip import GLIPModel
+from ..tokenization import check_tokenizer_serves, load_pretrained_tokenizer
 from .card import FLAVOURS, RunRecord, dataset_label, read_run, redact_paths, render_model_card
 from .export import export_to_clip
 from .remote_code import AUTO_MAP, write_remote_code
@@ -72,6 +74,14 @@ def _check_run_dir(run_dir: Path) -> None:
             "the model was trained with; save them beside it (tokenizer.save_pretrained(RUN_DIR), likewise the "
             "image processor)."
         )
+
+
+def _check_tokenizer(run_dir: Path) -> None:
+    """The folder's tokenizer must serve its text tower: the published pipeline would fail or score other tokens."""
+    tokenizer = load_pretrained_tokenizer(str(run_dir))
+    if tokenizer is None:
+        raise FileNotFoundError(f"{run_dir} has no usable tokenizer; save the one it was trained with beside it.")
+    check_tokenizer_serves(GLIPConfig.from_pretrained(run_dir).text_config, tokenizer, str(run_dir))
 
 
 def _output_dir(out: Path, run_dir: Path, overwrite: bool) -> None:
@@ -181,6 +191,7 @@ def prepare_folder(
         raise FileNotFoundError(f"model card template {template} not found; pass --template model_card.md.")
     record = read_run(run_dir, list(eval_files))
     _check_run_dir(run_dir)
+    _check_tokenizer(run_dir)
     _output_dir(out, run_dir, overwrite)
     repo_id = repo_id or default_repo_id(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
