@@ -51,11 +51,11 @@ class ModelArguments:
     text_intermediate_size: int = 2048
     max_text_length: int = 77
     projection_dim: int = 512
-    hidden_act: str = field(
-        default="quick_gelu",
+    hidden_act: str | None = field(
+        default=None,
         metadata={
-            "help": "MLP activation of both towers from scratch: quick_gelu (CLIP's, OpenAI's models) or gelu "
-            "(open_clip's ViT-B-16, the paper's; the ViT-B/16 recipes set it); init_from keeps its own"
+            "help": "MLP activation of both towers from scratch: quick_gelu (CLIP's, OpenAI's models; the default) or "
+            "gelu (open_clip's ViT-B-16, the paper's; the ViT-B/16 recipes set it); init_from keeps its own"
         },
     )
     mask_ratio: float | None = field(
@@ -213,6 +213,7 @@ LOSSES = ("clip", "siglip")
 MIXED_PRECISIONS = (None, "no", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 HIDDEN_ACTS = ("quick_gelu", "gelu")  # CLIP's and open_clip's (exact, erf); both run under LeanMLP
+DEFAULT_HIDDEN_ACT = "quick_gelu"  # a model trained from scratch (CLIPConfig's too)
 RESUME_KEYWORDS = ("latest", "auto")
 TRACKERS = tuple(tracker.value for tracker in LoggerType)
 # The fields that shape a fresh model's parameters (a checkpoint resumes only under the same values).
@@ -469,7 +470,9 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
         model.attn_implementation,
         _one_of(ATTN_IMPLEMENTATIONS),
     )
-    _require(model.hidden_act in HIDDEN_ACTS, "hidden_act", model.hidden_act, _one_of(HIDDEN_ACTS))
+    _require(model.hidden_act in (None, *HIDDEN_ACTS), "hidden_act", model.hidden_act, _one_of(HIDDEN_ACTS))
+    if model.hidden_act is None and model.init_from is None:
+        model.hidden_act = DEFAULT_HIDDEN_ACT  # recorded as such; with init_from, training records the checkpoint's
     placement = data.synthetic_placement
     _require(placement in PLACEMENTS, "synthetic_placement", placement, _one_of(PLACEMENTS))
     _check_masking(model)

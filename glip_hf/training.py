@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .activations import use_lean_activations
-from .arguments import DataArguments, ModelArguments, TrainingArguments, to_flat_dict
+from .arguments import DEFAULT_HIDDEN_ACT, DataArguments, ModelArguments, TrainingArguments, to_flat_dict
 from .checkpointing import (
     TrainingProgress,
     apply_start,
@@ -110,6 +110,31 @@ def check_init_from(name_or_path: str) -> None:
         )
 
 
+def model_activation(name_or_path: str) -> str | None:
+    """The MLP activation of the CLIP / GLIP checkpoint ``name_or_path`` (its vision tower's, which training keeps
+    equal to the text tower's), or None when its config cannot be read."""
+    try:
+        return GLIPConfig.from_pretrained(name_or_path).vision_config.hidden_act
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_activation(model_args: ModelArguments, run_config: dict[str, Any], model_source: str) -> None:
+    """With ``init_from``, record in ``run_config`` the activation the run trains with, that of ``model_source`` (the
+    checkpoint resumed, else ``init_from``), and warn when ``--hidden_act`` asked for another: a checkpoint keeps its
+    own (its weights were trained with it)."""
+    actual = model_activation(model_source)
+    if actual is None:
+        return
+    if model_args.hidden_act is not None and model_args.hidden_act != actual:
+        warnings.warn(
+            f"hidden_act={model_args.hidden_act} is not applied: {model_source} was trained with {actual}, which "
+            "the run keeps (hidden_act chooses the activation of a model trained from scratch).",
+            stacklevel=2,
+        )
+    run_config["hidden_act"] = actual
+
+
 def initial_masking(init_from: str | None) -> dict[str, Any] | None:
     """The patch masking ``init_from``'s weights were pre-trained with, recorded in ``train_summary.json`` so that a
     run tuning them unmasked (``configs/unmasked_tuning_vitb16.yaml``) is not published as plain CLIP pre-training.
@@ -188,7 +213,7 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
             num_attention_heads=model_args.text_heads,
             intermediate_size=model_args.text_intermediate_size,
             max_position_embeddings=model_args.max_text_length,
-            hidden_act=model_args.hidden_act,
+            hidden_act=model_args.hidden_act or DEFAULT_HIDDEN_ACT,
             **text_config_overrides(tokenizer),
         ),
         vision_config=dict(
@@ -198,7 +223,7 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
             intermediate_size=model_args.vision_intermediate_size,
             image_size=model_args.image_size,
             patch_size=model_args.patch_size,
-            hidden_act=model_args.hidden_act,
+            hidden_act=model_args.hidden_act or DEFAULT_HIDDEN_ACT,
         ),
         projection_dim=model_args.projection_dim,
         **masking,
@@ -270,6 +295,10 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
     run_config = to_flat_dict(model_args, data_args, training_args)
     plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
     checkpoint = plan.checkpoint
+    resumed_model = checkpoint if checkpoint is not None and (checkpoint / "config.json").is_file() else None
+    if model_args.init_from:  # before the resume check, which compares the activation recorded this way
+        with _warnings_once(accelerator):
+            resolve_activation(model_args, run_config, str(resumed_model or model_args.init_from))
     if checkpoint is not None:
         with _warnings_once(accelerator):
             check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
@@ -279,7 +308,6 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
             "loss='siglip' under FSDP is not supported: SigLIP's bias is a parameter of the loss, outside the model, "
             "and Accelerate cannot shard an optimizer holding it; train with DDP, or pass --loss clip."
         )
-    resumed_model = checkpoint if checkpoint is not None and (checkpoint / "config.json").is_file() else None
     if model_args.init_from and resumed_model is None:  # a resume rebuilds the checkpoint's model instead
         check_init_from(model_args.init_from)
     if training_args.push_to_hub:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.state import AcceleratorState
 from conftest import TINY_RUN, launch_two_processes, tiny_config
 from datasets_util import make_broken_dataset
@@ -471,6 +472,22 @@ def test_a_run_from_a_flip_checkpoint_trains_and_says_with_its_masking(tmp_path,
     assert "Training masking: random, mask_ratio 0.75\n" in capsys.readouterr().out
     saved = GLIPModel.from_pretrained(result.output_dir).config
     assert (saved.mask_ratio, saved.mask_strategy) == (0.75, "random")
+
+
+def test_init_from_records_the_checkpoints_activation_and_warns_about_another(tmp_path):
+    """A run from a GELU checkpoint trains in GELU; its run_config.yaml said quick_gelu (the flag's default, which
+    init_from ignores), and an explicit --hidden_act that was not applied said nothing."""
+    config = tiny_config(mask_ratio=0.5)
+    config.text_config.vocab_size = 700
+    config.vision_config.hidden_act = config.text_config.hidden_act = "gelu"
+    GLIPModel(config).save_pretrained(tmp_path / "gelu")
+    flags = ["--init_from", str(tmp_path / "gelu"), "--tokenizer_vocab_size", "600", "--max_steps", "1"]
+    result = run(tmp_path, *flags)
+    assert yaml.safe_load((result.output_dir / "run_config.yaml").read_text())["hidden_act"] == "gelu"
+    with pytest.warns(UserWarning, match=r"hidden_act=quick_gelu is not applied: .*gelu was trained with gelu"):
+        result = run(tmp_path, *flags, "--hidden_act", "quick_gelu", "--output_dir", str(tmp_path / "asked"))
+    assert yaml.safe_load((result.output_dir / "run_config.yaml").read_text())["hidden_act"] == "gelu"
+    assert GLIPModel.from_pretrained(result.output_dir).config.text_config.hidden_act == "gelu"
 
 
 def test_a_tokenizer_whose_eos_is_2_is_rejected():
