@@ -612,3 +612,16 @@ def test_masked_inference_at_ratios_that_round_alike_are_two_columns(run_dir, tm
         "masked inference: 91.84% gaussian sigma 0.2, 1 draws",
     ]
     assert [row[-2:] for row in rows] == [["0.250", "0.500"]]
+
+
+def test_the_wheel_ships_the_card_template_and_metric_modules(tmp_path):
+    """A pip-installed glip_hf rendered no card: the template lay beside the package, outside the wheel."""
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(root)]
+    subprocess.run([*command, "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("glip_hf-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "glip_hf/hub/model_card.md" in names
+    assert {"glip_hf/metrics/zero_shot_accuracy/zero_shot_accuracy.py"} <= names

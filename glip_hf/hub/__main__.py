@@ -24,7 +24,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--eval", nargs="+", action="extend", default=[], metavar="FILE.json", help="run_eval.py --output results"
     )
     parser.add_argument("--license", default=DEFAULT_LICENSE, help="license id for the card (default %(default)s)")
-    parser.add_argument("--template", default=None, help="card template (default: the repository's model_card.md)")
+    parser.add_argument("--template", default=None, help="card template (default: glip_hf/hub/model_card.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,7 +35,7 @@ from .card import FLAVOURS, RunRecord, dataset_label, read_run, redact_paths, re
 from .export import export_to_clip
 from .remote_code import AUTO_MAP, write_remote_code
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "model_card.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"  # package data: in a wheel too
 DEFAULT_LICENSE = "apache-2.0"
 PROCESSOR_FILES = (  # copied byte for byte: loading and re-saving would add local-only keys to them
     "tokenizer.json",
@@ -178,7 +178,7 @@ def prepare_folder(
         eval_files: ``run_eval.py --output`` JSON files evaluating ``run_dir`` (a suite's list too).
         repo_id: the Hub name the card's usage snippet loads; default ``your-username/<run_dir name>``.
         license: the card's license id (the weights' license is yours to choose, given your data's).
-        template: the card template; default the repository's ``model_card.md``.
+        template: the card template; default the package's ``glip_hf/hub/model_card.md``.
         overwrite: replace a non-empty ``out``.
     Returns:
         ``out``.
@@ -188,7 +188,7 @@ def prepare_folder(
         raise ValueError(f"--flavour {flavour!r} is not one of {FLAVOURS}.")
     template = Path(template) if template is not None else DEFAULT_TEMPLATE
     if not template.is_file():
-        raise FileNotFoundError(f"model card template {template} not found; pass --template model_card.md.")
+        raise FileNotFoundError(f"model card template {template} not found; pass --template PATH.")
     record = read_run(run_dir, list(eval_files))
     _check_run_dir(run_dir)
     _check_tokenizer(run_dir)
