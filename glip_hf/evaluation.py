@@ -714,6 +714,39 @@ def suite_base(output: str | None) -> Path:
     return out.with_suffix("") if out.suffix in SUITE_SUFFIXES else out
 
 
+TABLE_HEADER = ("model", "task")  # how the tables write_table writes begin
+
+
+def _is_suite_output(path: Path) -> bool:
+    """Whether ``path`` reads as a file an earlier suite wrote (a `write_table` table, or a JSON list of results)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    first = text.split("\n", 1)[0]
+    if path.suffix == ".md":
+        return first.startswith("| " + " | ".join(TABLE_HEADER) + " |")
+    if path.suffix == ".csv":
+        return first.startswith(",".join(TABLE_HEADER) + ",")
+    try:
+        results = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(results, list) and all(isinstance(r, dict) and {"task", "metrics"} <= r.keys() for r in results)
+
+
+def check_suite_outputs(base: Path) -> None:
+    """Refuse, before any evaluation, to replace a file at ``base`` + .md / .csv / .json that no suite wrote: the
+    user named ``base``, not those files (``--output notes`` would have overwritten their notes.md)."""
+    for suffix in SUITE_SUFFIXES:
+        path = _beside(base, suffix)
+        if path.is_dir() or (path.exists() and not _is_suite_output(path)):
+            raise FileExistsError(
+                f"--output {base}: {path} exists and is not a table or result list of an earlier suite, which the "
+                "suite would replace; pass another --output (the suite writes NAME.md, NAME.csv and NAME.json)."
+            )
+
+
 def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> list[dict[str, Any]]:
     """Every entry of ``args.suite`` (a YAML ``entries:`` list of EvalArguments fields), one table at the end."""
     path = Path(args.suite)
@@ -728,8 +761,10 @@ def run_suite(args: EvalArguments, accelerator: Accelerator | None = None) -> li
     accelerator = accelerator or Accelerator(cpu=args.cpu)
     check_launch(accelerator)
     use_cores_on_cpu(accelerator)  # accelerate launch leaves a CPU process one thread otherwise
+    entries = suite_entries(path, spec, args)  # all checked before the first runs
+    check_suite_outputs(suite_base(args.output))  # on every process: all stop, none waits for the main one
     loaded, results = {}, []
-    for entry_args in suite_entries(path, spec, args):  # all checked before the first runs
+    for entry_args in entries:
         if entry_args.model not in loaded:
             loaded[entry_args.model] = load_model_for_eval(
                 entry_args.model, accelerator.device, entry_args.trust_remote_code

@@ -422,6 +422,21 @@ def test_a_suite_output_with_a_dot_in_its_name_keeps_it(saved_model_dir, eval_da
     assert {p.name for p in tmp_path.glob("folder.*")} == {"folder.md", "folder.csv", "folder.json"}
 
 
+def test_a_suite_replaces_its_own_outputs_but_no_other_file(saved_model_dir, eval_dataset, tmp_path):
+    """--output notes overwrote a user's notes.md with the table; a suite's own files are still replaced on a rerun."""
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"dataset: {eval_dataset}\nentries:\n  - task: zeroshot_classification\n")
+    args = EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "run"))
+    run_suite(args)
+    run_suite(args)  # its own .md, .csv and .json: replaced
+    for suffix in (".md", ".csv", ".json"):
+        (tmp_path / f"notes{suffix}").write_text("mine\n")
+        with pytest.raises(FileExistsError, match=rf"^--output .*notes: .*notes\{suffix} exists and is not a table"):
+            run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "notes")))
+        assert (tmp_path / f"notes{suffix}").read_text() == "mine\n"
+        (tmp_path / f"notes{suffix}").unlink()
+
+
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
     # Masked inference: images and texts sharded, and masks seeded per batch, not per process.
     common = ["--model", str(saved_model_dir), "--dataset", eval_dataset, "--batch_size", "5"]
