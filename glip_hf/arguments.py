@@ -656,6 +656,9 @@ def _builder_without_files(name: str | None, data_files: str | None, data_dir: s
     return name in _FILE_BUILDERS and data_files is None and data_dir is None and not Path(name).exists()
 
 
+_FILE_EXTENSIONS = {"parquet": "parquet", "webdataset": "tar", "json": "jsonl", "csv": "csv"}  # a glob's example
+
+
 def _check_builder_files(flag: str, name: str | None, data_files: str | None, data_dir: str | None) -> None:
     """One-line error for a file builder given no files: datasets would search the current directory."""
     if _builder_without_files(name, data_files, data_dir):
@@ -663,6 +666,15 @@ def _check_builder_files(flag: str, name: str | None, data_files: str | None, da
             f"{flag} {name} reads files: pass --data_files (a path or glob) or --data_dir; without them datasets "
             "searches the current directory."
         )
+    # datasets reads data_files relative to data_dir when it is given; a folder there it looked for as a file, and the
+    # error blamed the dataset name
+    if name and data_files and "://" not in data_files and not any(ch in data_files for ch in "*?["):
+        if (Path(data_dir or ".").expanduser() / Path(data_files).expanduser()).is_dir():
+            pattern = Path(data_files) / f"*.{_FILE_EXTENSIONS.get(name, '*')}"
+            raise IsADirectoryError(
+                f"data_files {data_files} is a folder; pass a glob of its files (such as {pattern}), or the folder "
+                "as --data_dir."
+            )
 
 
 def _require(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -170,6 +170,13 @@ PRETRAINING_CASES = [
         None,
         r"data_files .*none/\*\.tar matches no file; pass",
     ),
+    # The error blamed --dataset_name ("dataset 'parquet' could not be loaded (Unable to find ...)").
+    (
+        "data_files_is_a_folder",
+        ["--dataset_name", "parquet", "--data_files", "{tmp}"],
+        None,
+        r"data_files .* is a folder; pass a glob of its files \(such as .*/\*\.parquet\), or the folder as --data_dir",
+    ),
 ]
 
 EVAL_CASES = [
@@ -185,6 +192,7 @@ EVAL_CASES = [
     ("unknown_flag", ["--mask_ratios", "0.5"], r"--mask_ratios.*did you mean --mask_ratio"),
     ("builder_without_files", ["--dataset", "imagefolder"], r"--dataset imagefolder reads files: pass --data_files"),
     ("output_under_a_file", ["--output", "/etc/passwd/result.json"], r"/etc/passwd is a file, not a folder"),
+    ("data_files_is_a_folder", ["--dataset", "parquet", "--data_files", "{tmp}"], r"data_files .* is a folder; pass"),
 ]
 
 
