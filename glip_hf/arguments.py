@@ -186,7 +186,7 @@ class EvalArguments:
         default=None,
         metadata={"help": "linear probe: split choosing the regularisation; default: 20%% of train_split"},
     )
-    image_column: str = "image"
+    image_column: str = field(default="image", metadata={"help": "image column; a,b tries each in turn"})
     caption_column: str = field(default="captions", metadata={"help": "retrieval: caption or list of captions"})
     label_column: str = "label"
     class_names: str | None = field(default=None, metadata={"help": "file of class names (.txt lines or .json)"})

@@ -417,6 +417,11 @@ def check_columns(dataset, required: dict[str, str], source: str) -> None:
             raise ValueError(f"--{flag} {value!r} is not a column of {source}; it has {existing}.")
 
 
+def first_image(row: dict, image_columns: Sequence[str]) -> Any:
+    """The value of the first of ``image_columns`` (``--image_column a,b``) the row has, or None."""
+    return next((row[c] for c in image_columns if row.get(c) is not None), None)
+
+
 def prepare_for_decoding(dataset, image_columns: list[str]):
     """Turn ``Image`` columns to raw bytes so decoding happens (and may fail) in the collator."""
     import datasets
@@ -713,7 +718,7 @@ class ImageTextCollator:
         return caption if isinstance(caption, str) and caption.strip() else None
 
     def _image(self, row: dict) -> Any:
-        return next((row[c] for c in self.image_columns if row.get(c) is not None), None)
+        return first_image(row, self.image_columns)
 
     def process(self, row: dict, index: int) -> tuple[torch.Tensor, str] | str:
         """One row to ``(pixels, caption)``, or the reason it is skipped."""

@@ -35,6 +35,8 @@ from .arguments import DataArguments, EvalArguments, read_yaml, suite_entries
 from .data import (
     SKIP_REASONS,
     check_columns,
+    column_names,
+    first_image,
     image_folders,
     load_image,
     load_image_text_dataset,
@@ -129,7 +131,7 @@ def load_eval_split(args: EvalArguments, split: str, model) -> datasets.Dataset:
     if args.max_samples is not None:
         dataset = dataset.select(range(min(args.max_samples, len(dataset))))
     check_columns(dataset, {"image_column": args.image_column}, f"{args.dataset or BUILTIN}[{split}]")
-    return prepare_for_decoding(dataset, [args.image_column])
+    return prepare_for_decoding(dataset, args.image_column.split(","))
 
 
 def read_list_file(path: str, what: str) -> list[str]:
@@ -375,14 +377,15 @@ def encode_images(
     reason (``missing_image``, ``empty_image``, ``undecodable_image``). A relative image path is looked up in
     ``image_folders`` too (`data.locate_image`)."""
 
-    images_only = dataset.select_columns([image_column])  # rows without captions and labels
+    columns = [name for name in image_column.split(",") if name in column_names(dataset)]  # "jpg,png": each in turn
+    images_only = dataset.select_columns(columns)  # rows without captions and labels
 
     def encode(rows: list[int]):
         if mask_draw is not None:
             mask_draw.reseed(rows[0])
         images, ids, skipped = [], [], Counter()
         for index in rows:
-            image = load_image(images_only[index][image_column], folders=image_folders)
+            image = load_image(first_image(images_only[index], columns), folders=image_folders)
             if isinstance(image, str):  # the reason it has no image
                 skipped[image] += 1
                 continue

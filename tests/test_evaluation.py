@@ -422,6 +422,26 @@ def test_a_suite_output_with_a_dot_in_its_name_keeps_it(saved_model_dir, eval_da
     assert {p.name for p in tmp_path.glob("folder.*")} == {"folder.md", "folder.csv", "folder.json"}
 
 
+def test_an_image_column_list_reads_each_row_from_the_column_it_has(saved_model_dir, eval_dataset, tmp_path):
+    """--image_column jpg,png, as training takes it (webdataset shards of jpg and png samples), failed in
+    select_columns with a traceback; now each row's image comes from the first of the columns it has."""
+    test = datasets.load_from_disk(eval_dataset)["test"].cast_column("image", datasets.Image(decode=False))
+    images = test["image"]
+    split = datasets.Dataset.from_dict(
+        {
+            "jpg": [image if i % 2 else None for i, image in enumerate(images)],
+            "png": [None if i % 2 else image for i, image in enumerate(images)],
+            "label": test["label"],
+        },
+        features=datasets.Features(jpg=datasets.Image(), png=datasets.Image(), label=test.features["label"]),
+    )
+    datasets.DatasetDict(test=split).save_to_disk(tmp_path / "two_columns")
+    both = evaluate_model(args_for(saved_model_dir, str(tmp_path / "two_columns"), image_column="jpg,png"))
+    reference = evaluate_model(args_for(saved_model_dir, eval_dataset))
+    assert both["num_samples"] == len(images) and both["num_skipped"] == 0
+    assert both["metrics"] == reference["metrics"]
+
+
 def test_a_suite_replaces_its_own_outputs_but_no_other_file(saved_model_dir, eval_dataset, tmp_path):
     """--output notes overwrote a user's notes.md with the table; a suite's own files are still replaced on a rerun."""
     suite = tmp_path / "suite.yaml"
