@@ -30,11 +30,14 @@ class RunStopped(Exception):
     Args:
         message: one line saying why, what was saved and how to go on.
         exit_code: the process exit status (128 + signal number after a signal, as shells report it).
+        show: whether this process prints the message; a stop every process decided together is said once, by
+            the main process.
     """
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, exit_code: int = 1, show: bool = True):
         super().__init__(message)
         self.exit_code = exit_code
+        self.show = show
 
 
 def one_line(error: BaseException | str) -> str:
@@ -71,7 +74,8 @@ def run_cli(main: Callable[[list[str]], object], argv: list[str] | None = None, 
     except RunStopped as stop:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: {one_line(stop)}", file=sys.stderr, flush=True)
+        if stop.show:
+            print(f"{prog}: {one_line(stop)}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
     except USER_ERRORS as error:
         if debug:

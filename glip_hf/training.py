@@ -558,7 +558,7 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                     _end(run)  # trackers closed first: their folder may go next
                     if not run.resumed and accelerator.is_main_process:  # its checkpoints hold an untrained model
                         clear_run_outputs(args.output_dir)
-                    raise RunStopped(message, CONFIG_ERROR_EXIT)
+                    raise RunStopped(message, CONFIG_ERROR_EXIT, show=accelerator.is_main_process)
             else:
                 with masked_inference(run.unwrapped, 0.0) if unmasked else contextlib.nullcontext():
                     loss = train_step(run.model, run.loss_fn, run.unwrapped, micro_batches, accelerator)
@@ -738,8 +738,9 @@ def _end(run: _Run) -> None:
 
 
 def _stop(run: _Run, message: str, exit_code: int) -> None:
+    show = run.accelerator.is_main_process  # every process stops together (the decision is all-reduced)
     _end(run)
-    raise RunStopped(message, exit_code)
+    raise RunStopped(message, exit_code, show=show)
 
 
 def _global_rows(accelerator: Accelerator, micro_batches: list[dict]) -> int:

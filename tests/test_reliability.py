@@ -183,7 +183,7 @@ def test_a_spared_worker_ignores_other_senders_but_obeys_the_process_that_iterat
 
 def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint(tmp_path, cache):
     """Two gloo processes under ``accelerate launch --multi_gpu``: torch's launcher forwards SIGTERM to both, which
-    agree on the step, write one checkpoint together and stop."""
+    agree on the step, write one checkpoint together and stop, with one line."""
     output_dir = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -198,7 +198,7 @@ def test_sigterm_to_accelerate_launch_stops_every_process_at_the_same_checkpoint
     code, output = finish(process)
     assert code != 0, output
     stops = re.findall(r"stopped by (SIGTERM|a stop signal) after step (\d+)", output)
-    assert len({step for _, step in stops}) == 1 and stops, output  # both processes, one step
+    assert len(stops) == 1, output  # the main process says it for both (each printed it: twice, alike)
     step = int(stops[0][1])
     assert list_checkpoints(output_dir)[-1].name == f"checkpoint-{step}"
     assert sorted(p.name for p in list_checkpoints(output_dir)[-1].glob("random_states_*.pkl")) == [
