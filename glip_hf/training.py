@@ -405,6 +405,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
         image_processor,
         HubPusher(training_args) if training_args.push_to_hub and accelerator.is_main_process else None,
         checkpoint is not None,
+        data.per_epoch,
     )
     del model, optimizer, scheduler  # `run` is their one owner, so that `_end` can release the wrapped model
     metrics = _train_loop(run, data.batches(progress))
@@ -453,6 +454,7 @@ class _Run:
     image_processor: Any = None  # saved with the model when a checkpoint is pushed to the Hub
     pusher: HubPusher | None = None  # --push_to_hub, on the main process
     resumed: bool = False  # started from a checkpoint (its earlier files are not this invocation's alone)
+    batches_per_epoch: int | None = None  # micro-batches per epoch on each process; None for a stream
 
     @property
     def total_steps(self) -> int:
@@ -548,7 +550,11 @@ def _train_loop(run: _Run, batches: Iterator[dict]) -> MetricsLog:
                 # Every sample of this step, on every process, was skipped: no update, the schedule moves on.
                 # Read through once every process has: streamed shares differ in length, and a process still
                 # reading its share may come to valid rows.
-                stop, still_reading = _any_process(accelerator, signals.requested(), progress.epoch == 0)
+                # (A stream's length is known only once a read past its end turns to the next epoch.)
+                first_epoch_left = progress.epoch == 0 and (
+                    run.batches_per_epoch is None or progress.batch_in_epoch < run.batches_per_epoch
+                )
+                stop, still_reading = _any_process(accelerator, signals.requested(), first_epoch_left)
                 lr = _skip_step(run)
                 progress.empty_steps += 1
                 nothing_yet = progress.empty_steps == progress.step + 1  # neither this step nor any before it
