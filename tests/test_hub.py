@@ -339,12 +339,12 @@ def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tm
     assert not (tmp_path / "out").exists() or case == "out_not_empty"
 
 
-def _card_text(record, flavour: str = "clip") -> tuple[str, list[str]]:
+def _card_text(record, flavour: str = "clip", mask_picture: str | None = None) -> tuple[str, list[str]]:
     """The card rendered from ``record`` (no folder written): its text and its tags."""
     from glip_hf.hub.card import render_model_card
     from glip_hf.hub.publish import DEFAULT_TEMPLATE
 
-    files = dict.fromkeys(("mask_picture", "loss_curve", "run_config", "train_summary"))
+    files = {**dict.fromkeys(("loss_curve", "run_config", "train_summary")), "mask_picture": mask_picture}
     card = render_model_card(record, DEFAULT_TEMPLATE, flavour, REPO_ID, "apache-2.0", 1000, files)
     return card.text, card.data.tags
 
@@ -550,8 +550,10 @@ def test_card_of_an_unmasked_tuning_run_names_the_masked_pre_training(run_dir, t
     assert json.loads((tuned / "train_summary.json").read_text())["init_masking"] == masked
     assert initial_masking(str(tuned)) == masked  # tuning the tuned model again keeps the original record
 
-    text, tags = _card_text(read_run(tuned), flavour="glip")
+    text, tags = _card_text(read_run(tuned), flavour="glip", mask_picture="masks.png")
     assert "gaussian-masking" in tags and "**GLIP**, Gaussian masking" in text
+    # The picture's caption said "at the run's mask ratio (50%)" of a run that masked nothing.
+    assert "at the mask ratio of the masked pre-training it was tuned from (0.5)" in " ".join(text.split()), text
     assert "plain **CLIP**" not in text and "plain CLIP pre-training" not in text
     assert _row(text, "patch masking").startswith(
         "none in this run (mask_ratio 0); its initial checkpoint `<local>/run` was pre-trained with Gaussian (GLIP), "
