@@ -12,7 +12,8 @@ accuracy turned on float rounding (features perturbed by 1e-6 of their size move
   means the same for every model: the L2 penalty weighs each direction by its spread in the data;
 - minimises the mean cross-entropy plus ``|W|^2 / (2 C N)`` (scikit-learn's ``C * sum(CE) + |W|^2 / 2``, divided by
   ``C N``) with full-batch L-BFGS and a strong Wolfe line search from zero weights, until the largest gradient entry
-  is below `GRADIENT_TOLERANCE` or `MAX_ITER` iterations have run (a warning says so for the final fit).
+  is below `GRADIENT_TOLERANCE` or `MAX_ITER` iterations (twice as many evaluations) have run (a warning says so
+  for the final fit).
 """
 
 from __future__ import annotations
@@ -72,15 +73,21 @@ class Probe:
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, c: float, num_classes: int, max_iter: int = MAX_ITER) -> Probe:
-    """Logistic regression of labels ``y`` ``(N,)`` on features ``x`` ``(N, D)`` at inverse regularisation ``c``."""
+    """Logistic regression of labels ``y`` ``(N,)`` on features ``x`` ``(N, D)`` at inverse regularisation ``c``.
+
+    The weights are optimised as ``W = scale * V`` with ``scale = min(1, sqrt(c N))``: at a small C the penalty's
+    curvature ``1 / (c N)`` would dwarf the data's (about 1 on whitened features) and stall L-BFGS; in ``V`` it is 1.
+    """
     whitening = Whitening.fit(x)
     inputs, n = whitening(x), len(y)
-    weight = torch.zeros(inputs.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    scale = min(1.0, math.sqrt(c * n))
+    direction = torch.zeros(inputs.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        [direction, bias],
         lr=1.0,
         max_iter=max_iter,
+        max_eval=2 * max_iter,
         tolerance_grad=GRADIENT_TOLERANCE,
         tolerance_change=1e-15,
         history_size=50,
@@ -89,6 +96,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, c: float, num_classes: int, max_
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
+        weight = scale * direction
         loss = F.cross_entropy(inputs @ weight + bias, y) + weight.square().sum() / (2 * c * n)
         loss.backward()
         return loss
@@ -96,8 +104,9 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, c: float, num_classes: int, max_
     with torch.enable_grad():
         optimizer.step(objective)
         objective()
-    largest_gradient = max(float(p.grad.abs().max()) for p in (weight, bias))
-    return Probe(whitening, weight.detach(), bias.detach(), converged=largest_gradient <= GRADIENT_TOLERANCE)
+    largest = max((float(p.grad.abs().max()) for p in (direction, bias) if p.numel()), default=0.0)
+    weight = (scale * direction).detach()  # (R, K); R = 0 when every feature is constant: a bias-only probe
+    return Probe(whitening, weight, bias.detach(), converged=largest <= GRADIENT_TOLERANCE)
 
 
 def _accuracy(probe: Probe, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -153,6 +162,14 @@ def fit_linear_probe(
         ``(metrics on the test rows, {"C": chosen C, "val_top1": its validation accuracy})``; the final classifier
         is refit on train + validation with the chosen C.
     """
+    named = {"train": train_x, "test": test_x, **({"validation": val[0]} if val is not None else {})}
+    for role, features in named.items():
+        bad = int((~torch.isfinite(features)).any(dim=-1).sum())
+        if bad:  # eigh failed on them with a message about conditioning; NaN test rows were scored as class 0
+            raise ValueError(
+                f"the linear probe's {role} features hold NaN or inf in {bad} of {len(features)} rows: the model's "
+                "image features are not finite (a diverged checkpoint?); evaluate a checkpoint whose outputs are."
+            )
     if len(train_y.unique()) < 2:
         raise ValueError(
             f"--train_split: the linear probe needs training rows of 2 or more classes; every usable one is class "
@@ -172,8 +189,9 @@ def fit_linear_probe(
     probe = fit_probe(torch.cat([train_x, val[0]]), torch.cat([train_y, val[1]]), best_c, num_classes)
     if not probe.converged:
         warnings.warn(
-            f"the linear probe's final fit (C={best_c:.3g}) stopped after {MAX_ITER} L-BFGS iterations short of its "
-            f"gradient tolerance; its accuracy may depend on float rounding.",
+            f"the linear probe's final fit (C={best_c:.3g}) stopped short of its gradient tolerance (L-BFGS ran "
+            f"out of its {MAX_ITER} iterations or {2 * MAX_ITER} evaluations); its accuracy may depend on float "
+            "rounding.",
             stacklevel=2,
         )
     metrics = classification_metrics(probe.logits(test_x).float(), test_y, num_classes)

@@ -561,6 +561,7 @@ def test_linear_probe_finds_a_low_variance_direction_at_any_feature_scale():
         assert metrics["top1"] > 0.95, (scale, metrics)
 
 
+@pytest.mark.filterwarnings("error")  # its fits at C down to 1e-9 stalled short of their tolerance, with a warning
 def test_linear_probe_extends_its_search_past_the_grid_edge():
     """Labels that are noise: every small C predicts the majority class alike, the smallest C wins the tie, and the
     search extends down a decade at a time to its limit."""
@@ -570,6 +571,26 @@ def test_linear_probe_extends_its_search_past_the_grid_edge():
     x, labels = torch.randn(300, 4, generator=generator), torch.randint(0, 3, (300,), generator=generator)
     _, chosen = fit_linear_probe(x[:200], labels[:200], x[200:], labels[200:], 3)
     assert chosen["C"] <= 10.0 ** linear_probe.LOG10_C_LIMITS[0]  # then refined below it
+
+
+def test_linear_probe_of_constant_features_is_a_bias_only_probe():
+    """Every axis is dropped by the whitening; the fit crashed on the empty weight (scikit-learn fit it)."""
+    x, labels = torch.full((60, 8), 0.1), torch.tensor([0] * 30 + [1] * 20 + [2] * 10)
+    metrics, _ = fit_linear_probe(x, labels, x[:20], labels[:20], 3)
+    assert metrics["top1"] == 1.0  # the majority class, which the first 20 rows are
+
+
+def test_linear_probe_refuses_features_that_are_not_finite():
+    """NaN training rows failed in eigh with a message about conditioning; NaN test rows were scored as class 0."""
+    generator = torch.Generator().manual_seed(0)
+    x, labels = torch.randn(90, 4, generator=generator), torch.arange(90) % 3
+    bad = x.clone()
+    bad[65, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^the linear probe's test features hold NaN or inf in 1 of 30 rows"):
+        fit_linear_probe(x[:60], labels[:60], bad[60:], labels[60:], 3)
+    bad[5, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^the linear probe's train features hold NaN or inf in 1 of 60 rows"):
+        fit_linear_probe(bad[:60], labels[:60], x[60:], labels[60:], 3)
 
 
 def _ill_conditioned_features(n: int, seed: int, classes: int = 8, dim: int = 32):
