@@ -210,7 +210,12 @@ def pooling_matches(text_config, tokenizer) -> bool:
     return eos == text_config.eos_token_id
 
 
-def check_ends_with_eos(tokenizer, source: str) -> None:
+TRAINING_TOKENIZER_FIX = (
+    "use a tokenizer whose post-processor appends it (CLIP's does), or drop --tokenizer_name to train one offline"
+)
+
+
+def check_ends_with_eos(tokenizer, source: str, fix: str = TRAINING_TOKENIZER_FIX) -> None:
     """Raise a one-line ValueError unless encoding a text puts the end-of-text token at its end and nowhere before:
     CLIP pools at the first end-of-text token (a tokenizer that never appends it, or that also opens texts with it,
     as GPT-2's does, would pool every text at one position)."""
@@ -219,8 +224,7 @@ def check_ends_with_eos(tokenizer, source: str) -> None:
     if not ids or ids[-1] != eos or eos in ids[:-1]:
         raise ValueError(
             f"the tokenizer of {source} encodes 'a photo of a cat' as {ids} with eos_token_id={eos}: CLIP's text "
-            "tower pools at the first end-of-text token, so every text must end with it, once; use a tokenizer "
-            "whose post-processor appends it (CLIP's does), or drop --tokenizer_name to train one offline."
+            f"tower pools at the first end-of-text token, so every text must end with it, once; {fix}."
         )
 
 
@@ -228,17 +232,18 @@ def check_tokenizer_serves(text_config, tokenizer, source: str) -> None:
     """Raise a one-line ValueError unless ``tokenizer`` can feed the text tower of ``text_config``: every text ends
     with its end-of-text token, the tower pools there, and every id it emits has an embedding row. ``source`` names
     the model folder in the message (``--model DIR``, ``RUN_DIR``)."""
-    check_ends_with_eos(tokenizer, source)
+    check_ends_with_eos(tokenizer, source, fix="save the tokenizer the model was trained with beside it")
     if not pooling_matches(text_config, tokenizer):
         raise ValueError(
             f"{source}: its text tower pools at eos_token_id={text_config.eos_token_id} but its tokenizer ends text "
             f"with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its config.json or save the matching "
             "tokenizer."
         )
-    if len(tokenizer) > text_config.vocab_size:  # ids past the embedding: an IndexError, a CUDA assert, other rows
+    ids = max(len(tokenizer), _largest_id(tokenizer) + 1)  # a vocabulary with gaps emits ids past its length
+    if ids > text_config.vocab_size:  # ids past the embedding: an IndexError, a CUDA assert, other rows
         raise ValueError(
-            f"{source}: its tokenizer has {len(tokenizer)} tokens but its text tower embeds only "
-            f"{text_config.vocab_size}; save the tokenizer the model was trained with beside it."
+            f"{source}: its tokenizer emits ids up to {ids - 1} but its text tower embeds only "
+            f"{text_config.vocab_size} tokens; save the tokenizer the model was trained with beside it."
         )
 
 

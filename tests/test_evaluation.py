@@ -681,7 +681,7 @@ def test_a_tokenizer_larger_than_the_text_towers_vocabulary_is_a_one_line_error(
     tokenizer.add_tokens([f"newword{i}" for i in range(model.config.text_config.vocab_size - len(tokenizer) + 1)])
     model.save_pretrained(tmp_path / "big")
     tokenizer.save_pretrained(tmp_path / "big")
-    with pytest.raises(ValueError, match=r"its tokenizer has \d+ tokens but its text tower embeds only \d+"):
+    with pytest.raises(ValueError, match=r"its tokenizer emits ids up to \d+ but its text tower embeds only \d+"):
         load_model_for_eval(str(tmp_path / "big"))
 
 

@@ -302,7 +302,8 @@ def test_check_hub_token_for_a_run_about_to_start(tmp_path, monkeypatch):
         ("eval_not_a_result", "is not a run_eval.py result"),
         ("eval_of_another_model", "evaluate the run itself"),
         ("eval_twice", "both hold zeroshot_classification on builtin[test] with unmasked inference"),
-        ("tokenizer_too_large", "tokens but its text tower embeds only"),  # the pipeline then raised an IndexError
+        ("tokenizer_too_large", "but its text tower embeds only"),  # the pipeline then raised an IndexError
+        ("tokenizer_id_past_the_vocabulary", "emits ids up to 650 but its text tower embeds only"),  # len() passed
     ],
 )
 def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tmp_path, capsys):
@@ -322,6 +323,13 @@ def test_prepare_errors_are_one_line(case, message, run_dir, saved_model_dir, tm
         vocab = json.loads((tmp_path / "run" / "config.json").read_text())["text_config"]["vocab_size"]
         tokenizer.add_tokens([f"newword{i}" for i in range(vocab - len(tokenizer) + 1)])
         tokenizer.save_pretrained(argv[1])
+    elif case == "tokenizer_id_past_the_vocabulary":  # as many tokens as the vocabulary, one of them numbered past it
+        argv[1] = str(shutil.copytree(run_dir, tmp_path / "run"))
+        tokenizer_file = tmp_path / "run" / "tokenizer.json"
+        content = json.loads(tokenizer_file.read_text())
+        vocab = content["model"]["vocab"]
+        vocab[next(token for token, index in vocab.items() if index == len(vocab) // 2)] = 650
+        tokenizer_file.write_text(json.dumps(content))
     else:
         result = {"task": "zeroshot_classification", "mask_ratio": 0.0, "metrics": {"top1": 0.5}}
         content = {
@@ -627,3 +635,16 @@ def test_the_wheel_ships_the_card_template_and_metric_modules(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "glip_hf/hub/model_card.md" in names
     assert {"glip_hf/metrics/zero_shot_accuracy/zero_shot_accuracy.py"} <= names
+
+
+def test_the_hub_cli_takes_trust_remote_code_as_its_advice_writes_it():
+    """A run whose tokenizer brings code of its own: the error advises --trust_remote_code true, which the hub CLI
+    did not have."""
+    from glip_hf.hub.__main__ import build_parser
+
+    base = ["prepare", "run", "--out", "out"]
+    assert build_parser().parse_args(base).trust_remote_code is False
+    assert build_parser().parse_args([*base, "--trust_remote_code", "true"]).trust_remote_code is True
+    assert build_parser().parse_args([*base, "--trust_remote_code"]).trust_remote_code is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--trust_remote_code", "maybe"])

@@ -25,6 +25,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--license", default=DEFAULT_LICENSE, help="license id for the card (default %(default)s)")
     parser.add_argument("--template", default=None, help="card template (default: glip_hf/hub/model_card.md)")
+    parser.add_argument(
+        "--trust_remote_code",
+        nargs="?",
+        const=True,
+        default=False,
+        type=_true_or_false,
+        help="load a run's tokenizer that brings code of its own (auto_map), to check it; only if you trust it",
+    )
+
+
+def _true_or_false(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value.lower() == "true"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
-    common = dict(flavour=args.flavour, eval_files=args.eval, license=args.license, template=args.template)
+    common = dict(
+        flavour=args.flavour,
+        eval_files=args.eval,
+        license=args.license,
+        template=args.template,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.command == "prepare":
         out = prepare_folder(args.run_dir, args.out, repo_id=args.repo_id, overwrite=args.overwrite, **common)
         print(f"Prepared {out} ({args.flavour} flavour); `python -m glip_hf.hub push {args.run_dir} ...` uploads it")

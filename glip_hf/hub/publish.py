@@ -76,9 +76,9 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
-def _check_tokenizer(run_dir: Path) -> None:
+def _check_tokenizer(run_dir: Path, trust_remote_code: bool) -> None:
     """The folder's tokenizer must serve its text tower: the published pipeline would fail or score other tokens."""
-    tokenizer = load_pretrained_tokenizer(str(run_dir))
+    tokenizer = load_pretrained_tokenizer(str(run_dir), trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise FileNotFoundError(f"{run_dir} has no usable tokenizer; save the one it was trained with beside it.")
     check_tokenizer_serves(GLIPConfig.from_pretrained(run_dir).text_config, tokenizer, str(run_dir))
@@ -168,6 +168,7 @@ def prepare_folder(
     license: str = DEFAULT_LICENSE,
     template: str | Path | None = None,
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Build, with no network, exactly the folder that [`push_run`] uploads (see the module docstring).
 
@@ -180,6 +181,7 @@ def prepare_folder(
         license: the card's license id (the weights' license is yours to choose, given your data's).
         template: the card template; default the package's ``glip_hf/hub/model_card.md``.
         overwrite: replace a non-empty ``out``.
+        trust_remote_code: load a tokenizer that brings its own code (``auto_map``) to check it against the model.
     Returns:
         ``out``.
     """
@@ -191,7 +193,7 @@ def prepare_folder(
         raise FileNotFoundError(f"model card template {template} not found; pass --template PATH.")
     record = read_run(run_dir, list(eval_files))
     _check_run_dir(run_dir)
-    _check_tokenizer(run_dir)
+    _check_tokenizer(run_dir, trust_remote_code)
     _output_dir(out, run_dir, overwrite)
     repo_id = repo_id or default_repo_id(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,6 +246,7 @@ def push_run(
     commit_message: str | None = None,
     license: str = DEFAULT_LICENSE,
     template: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> str:
     """Prepare ``run_dir``'s folder (see [`prepare_folder`]) and upload it as the content of Hub repo ``repo_id``.
 
@@ -257,7 +260,9 @@ def push_run(
 
     check_hub_token()
     with tempfile.TemporaryDirectory(prefix="glip-hub-") as tmp:
-        folder = prepare_folder(run_dir, Path(tmp) / "upload", flavour, eval_files, repo_id, license, template)
+        folder = prepare_folder(
+            run_dir, Path(tmp) / "upload", flavour, eval_files, repo_id, license, template, False, trust_remote_code
+        )
         api = HfApi()
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(
