@@ -471,8 +471,6 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
         _one_of(ATTN_IMPLEMENTATIONS),
     )
     _require(model.hidden_act in (None, *HIDDEN_ACTS), "hidden_act", model.hidden_act, _one_of(HIDDEN_ACTS))
-    if model.hidden_act is None and model.init_from is None:
-        model.hidden_act = DEFAULT_HIDDEN_ACT  # recorded as such; with init_from, training records the checkpoint's
     placement = data.synthetic_placement
     _require(placement in PLACEMENTS, "synthetic_placement", placement, _one_of(PLACEMENTS))
     _check_masking(model)

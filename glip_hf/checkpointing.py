@@ -198,10 +198,12 @@ def check_resume(checkpoint: Path, config: dict[str, Any], num_processes: int, f
         )
     before = _saved_run_config(checkpoint)
     if before is not None:
+        # A checkpoint with its model's config.json is rebuilt from it: its activation is that file's (which the run
+        # config now records), whatever an older run config said (runs from an --init_from recorded the flag's
+        # default there).
+        fixed = [k for k in RESUME_FIXED if k != "hidden_act" or not (checkpoint / "config.json").is_file()]
         changed = [  # a setting newer than the checkpoint (absent from its run config) is not compared
-            f"{k}={before.get(k)!r} (now {config.get(k)!r})"
-            for k in RESUME_FIXED
-            if k in before and before[k] != config.get(k)
+            f"{k}={before[k]!r} (now {config.get(k)!r})" for k in fixed if k in before and before[k] != config.get(k)
         ]
         if changed:
             raise ValueError(

@@ -115,16 +115,17 @@ def model_activation(name_or_path: str) -> str | None:
     equal to the text tower's), or None when its config cannot be read."""
     try:
         return GLIPConfig.from_pretrained(name_or_path).vision_config.hidden_act
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
-def resolve_activation(model_args: ModelArguments, run_config: dict[str, Any], model_source: str) -> None:
-    """With ``init_from``, record in ``run_config`` the activation the run trains with, that of ``model_source`` (the
-    checkpoint resumed, else ``init_from``), and warn when ``--hidden_act`` asked for another: a checkpoint keeps its
-    own (its weights were trained with it)."""
-    actual = model_activation(model_source)
+def resolve_activation(model_args: ModelArguments, run_config: dict[str, Any], model_source: str | None) -> None:
+    """Record in ``run_config`` the activation the run trains with: that of ``model_source`` (the checkpoint resumed,
+    else ``init_from``), warning when ``--hidden_act`` asked for another (a checkpoint keeps its own: its weights were
+    trained with it); with no source, ``--hidden_act`` or the default."""
+    actual = model_activation(model_source) if model_source is not None else None
     if actual is None:
+        run_config["hidden_act"] = model_args.hidden_act or DEFAULT_HIDDEN_ACT
         return
     if model_args.hidden_act is not None and model_args.hidden_act != actual:
         warnings.warn(
@@ -296,9 +297,10 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
     plan = plan_start(output_dir, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
     checkpoint = plan.checkpoint
     resumed_model = checkpoint if checkpoint is not None and (checkpoint / "config.json").is_file() else None
-    if model_args.init_from:  # before the resume check, which compares the activation recorded this way
-        with _warnings_once(accelerator):
-            resolve_activation(model_args, run_config, str(resumed_model or model_args.init_from))
+    if model_args.init_from and resumed_model is None:  # a resume rebuilds the checkpoint's model instead
+        check_init_from(model_args.init_from)
+    with _warnings_once(accelerator):  # before the resume check, which compares what it records
+        resolve_activation(model_args, run_config, str(resumed_model or model_args.init_from or "") or None)
     if checkpoint is not None:
         with _warnings_once(accelerator):
             check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))
@@ -308,8 +310,6 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
             "loss='siglip' under FSDP is not supported: SigLIP's bias is a parameter of the loss, outside the model, "
             "and Accelerate cannot shard an optimizer holding it; train with DDP, or pass --loss clip."
         )
-    if model_args.init_from and resumed_model is None:  # a resume rebuilds the checkpoint's model instead
-        check_init_from(model_args.init_from)
     if training_args.push_to_hub:
         from .hub import check_hub_token
 

@@ -490,6 +490,32 @@ def test_init_from_records_the_checkpoints_activation_and_warns_about_another(tm
     assert GLIPModel.from_pretrained(result.output_dir).config.text_config.hidden_act == "gelu"
 
 
+def test_runs_from_an_init_from_resume_with_or_without_it(tmp_path):
+    """From an outside pass: a checkpoint written before the activation was recorded (quick_gelu, the flag's
+    default, for a GELU model) could not be resumed by the same command, and a resume that dropped --init_from
+    compared quick_gelu with gelu; an init_from whose config.json is no mapping gave a traceback."""
+    config = tiny_config(mask_ratio=0.5)
+    config.text_config.vocab_size = 700
+    config.vision_config.hidden_act = config.text_config.hidden_act = "gelu"
+    GLIPModel(config).save_pretrained(tmp_path / "gelu")
+    flags = ["--init_from", str(tmp_path / "gelu"), "--tokenizer_vocab_size", "600", "--save_steps", "1"]
+    run(tmp_path, *flags, "--max_steps", "1")
+    checkpoint = tmp_path / "out" / "checkpoints" / "checkpoint-1"
+    recorded = yaml.safe_load((checkpoint / "run_config.yaml").read_text())
+    (checkpoint / "run_config.yaml").write_text(yaml.safe_dump({**recorded, "hidden_act": "quick_gelu"}))  # as before
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = run(tmp_path, *flags, "--max_steps", "2", "--resume_from_checkpoint", "latest")
+    assert resumed.steps == 2
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = run(tmp_path, *flags[2:], "--max_steps", "3", "--resume_from_checkpoint", "latest")  # no --init_from
+    assert resumed.steps == 3
+    assert yaml.safe_load((resumed.output_dir / "run_config.yaml").read_text())["hidden_act"] == "gelu"
+    (tmp_path / "listed").mkdir()
+    (tmp_path / "listed" / "config.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match=r"init_from=.*listed holds no model"):
+        run(tmp_path, "--init_from", str(tmp_path / "listed"), "--output_dir", str(tmp_path / "other"))
+
+
 def test_a_tokenizer_whose_eos_is_2_is_rejected():
     from glip_hf.training import build_model
 
