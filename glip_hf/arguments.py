@@ -666,7 +666,8 @@ def _check_builder_files(flag: str, name: str | None, data_files: str | None, da
         )
     # datasets reads data_files relative to data_dir when it is given; a folder there it looked for as a file, and the
     # error blamed the dataset name
-    if name and data_files and "://" not in data_files and not any(ch in data_files for ch in "*?["):
+    # (for a builder only: a dataset folder or Hub repo reads data_files inside itself)
+    if name in _FILE_BUILDERS and data_files and "://" not in data_files and not any(c in data_files for c in "*?["):
         if (Path(data_dir or ".").expanduser() / Path(data_files).expanduser()).is_dir():
             pattern = Path(data_files) / f"*.{_FILE_EXTENSIONS.get(name, '*')}"
             raise IsADirectoryError(

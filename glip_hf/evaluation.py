@@ -735,7 +735,11 @@ def _is_suite_output(path: Path) -> bool:
         results = json.loads(text)
     except ValueError:
         return False
-    return isinstance(results, list) and all(isinstance(r, dict) and {"task", "metrics"} <= r.keys() for r in results)
+    return (
+        isinstance(results, list)
+        and bool(results)  # a suite writes one result per entry, and has at least one
+        and all(isinstance(r, dict) and {"task", "metrics"} <= r.keys() for r in results)
+    )
 
 
 def check_suite_outputs(base: Path) -> None:
@@ -743,7 +747,8 @@ def check_suite_outputs(base: Path) -> None:
     user named ``base``, not those files (``--output notes`` would have overwritten their notes.md)."""
     for suffix in SUITE_SUFFIXES:
         path = _beside(base, suffix)
-        if path.is_dir() or (path.exists() and not _is_suite_output(path)):
+        dangling = path.is_symlink() and not path.exists()  # writing would create the link's target elsewhere
+        if path.is_dir() or dangling or (path.exists() and not _is_suite_output(path)):
             raise FileExistsError(
                 f"--output {base}: {path} exists and is not a table or result list of an earlier suite, which the "
                 "suite would replace; pass another --output (the suite writes NAME.md, NAME.csv and NAME.json)."

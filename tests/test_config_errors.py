@@ -319,6 +319,20 @@ def test_data_files_or_dir_without_a_dataset_name_is_an_error_not_the_built_in_d
         parse_run_args([*TINY_RUN, flag, str(tmp_path)])
 
 
+def test_data_files_of_a_dataset_folder_are_not_looked_up_here(tmp_path, monkeypatch):
+    """A dataset folder (or Hub repo) reads --data_files inside itself: a folder of that name in the current
+    directory was refused as 'data_files ... is a folder' (an outside pass)."""
+    from glip_hf.arguments import parse_run_args
+
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "a.jsonl").mkdir()
+    monkeypatch.chdir(tmp_path)
+    parse_run_args([*TINY_RUN, "--dataset_name", "mydata", "--data_files", "a.jsonl"])
+    with pytest.raises(IsADirectoryError, match=r"data_files a.jsonl is a folder"):
+        parse_run_args([*TINY_RUN, "--dataset_name", "json", "--data_files", "a.jsonl"])
+
+
 def test_yaml_merge_keys_load_and_an_unhashable_key_is_one_line(tmp_path):
     from glip_hf.arguments import read_yaml
 

@@ -455,6 +455,13 @@ def test_a_suite_replaces_its_own_outputs_but_no_other_file(saved_model_dir, eva
             run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "notes")))
         assert (tmp_path / f"notes{suffix}").read_text() == "mine\n"
         (tmp_path / f"notes{suffix}").unlink()
+    (tmp_path / "notes.json").write_text("[]")  # no suite writes an empty list; an outside pass saw it replaced
+    (tmp_path / "notes.md").symlink_to(tmp_path / "elsewhere.md")  # dangling: the table would have made its target
+    for name in ("notes.json", "notes.md"):
+        with pytest.raises(FileExistsError, match=rf"{name} exists and is not a table"):
+            run_suite(EvalArguments(model=str(saved_model_dir), suite=str(suite), output=str(tmp_path / "notes")))
+        (tmp_path / name).unlink()
+    assert not (tmp_path / "elsewhere.md").exists()
 
 
 def test_cli_single_process_and_two_processes_agree(saved_model_dir, eval_dataset, tmp_path):
