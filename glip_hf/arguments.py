@@ -429,6 +429,7 @@ def parse_run_args(
 
 def validate_run_args(model: ModelArguments, data: DataArguments, training: TrainingArguments) -> None:
     """One-line errors for values no run can use, found before any data or model is loaded."""
+    data.image_column = _column_list(data.image_column)
     values = to_flat_dict(model, data, training)
     for names, test, expected in _RUN_BOUNDS:
         for name in names:
@@ -483,6 +484,12 @@ def validate_run_args(model: ModelArguments, data: DataArguments, training: Trai
 def _check_masking(args: ModelArguments | EvalArguments) -> None:
     """mask_ratio / mask_strategy / mask_sigma by the rules of ``GLIPVisionConfig`` (None: the model's own)."""
     GLIPVisionConfig(**{name: getattr(args, name) for name in MASKING_FIELDS if getattr(args, name) is not None})
+
+
+def _column_list(value: str) -> str:
+    """``--image_column "jpg, png"`` as ``jpg,png``: the names without the spaces around them (" png" named no
+    column, and its rows were skipped as missing images)."""
+    return ",".join(name.strip() for name in str(value).split(",") if name.strip()) or value
 
 
 def _check_report_to(value: str) -> None:
@@ -588,6 +595,7 @@ def validate_eval_args(args: EvalArguments) -> None:
     from .evaluation import TASKS  # evaluation imports this module
 
     _require(args.task in TASKS, "task", args.task, _one_of(TASKS))
+    args.image_column = _column_list(args.image_column)
     _check_masking(args)
     for name in ("mask_draws", "batch_size", "max_samples"):
         value = getattr(args, name)

@@ -15,7 +15,7 @@ from conftest import IMAGE_SIZE, launch_two_processes
 from datasets_util import png_bytes
 
 import glip_hf
-from glip_hf.arguments import EvalArguments
+from glip_hf.arguments import EvalArguments, parse_eval_args, parse_run_args
 from glip_hf.evaluation import (
     class_names_and_templates,
     encode_images,
@@ -437,6 +437,11 @@ def test_an_image_column_list_reads_each_row_from_the_column_it_has(saved_model_
     )
     datasets.DatasetDict(test=split).save_to_disk(tmp_path / "two_columns")
     both = evaluate_model(args_for(saved_model_dir, str(tmp_path / "two_columns"), image_column="jpg,png"))
+    spaced = parse_eval_args(["--model", str(saved_model_dir), "--image_column", "jpg, png"])  # " png": no column
+    assert spaced.image_column == "jpg,png"
+    flags = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "default.yaml")]
+    flags += ["--image_column", " jpg , png"]
+    assert parse_run_args(flags)[1].image_column == "jpg,png"
     reference = evaluate_model(args_for(saved_model_dir, eval_dataset))
     assert both["num_samples"] == len(images) and both["num_skipped"] == 0
     assert both["metrics"] == reference["metrics"]
