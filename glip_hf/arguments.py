@@ -596,6 +596,12 @@ def validate_eval_args(args: EvalArguments) -> None:
 
     _require(args.task in TASKS, "task", args.task, _one_of(TASKS))
     args.image_column = _column_list(args.image_column)
+    for name in ("data_files", "data_dir"):  # without a dataset they were ignored: the built-in set was evaluated
+        if args.dataset is None and getattr(args, name) is not None:
+            raise ValueError(
+                f"--{name} {getattr(args, name)} needs --dataset: pass the builder (parquet, imagefolder, webdataset, "
+                "...) with it; without it the built-in held-out set would be evaluated."
+            )
     _check_masking(args)
     for name in ("mask_draws", "batch_size", "max_samples"):
         value = getattr(args, name)

@@ -193,6 +193,8 @@ EVAL_CASES = [
     ("builder_without_files", ["--dataset", "imagefolder"], r"--dataset imagefolder reads files: pass --data_files"),
     ("output_under_a_file", ["--output", "/etc/passwd/result.json"], r"/etc/passwd is a file, not a folder"),
     ("data_files_is_a_folder", ["--dataset", "parquet", "--data_files", "{tmp}"], r"data_files .* is a folder; pass"),
+    # An outside pass: without --dataset, --data_files was ignored and the built-in set evaluated.
+    ("data_files_without_dataset", ["--data_files", "{tmp}/x.parquet"], r"--data_files .*x.parquet needs --dataset"),
 ]
 
 
