@@ -486,14 +486,19 @@ def _check_masking(args: ModelArguments | EvalArguments) -> None:
     GLIPVisionConfig(**{name: getattr(args, name) for name in MASKING_FIELDS if getattr(args, name) is not None})
 
 
+def _comma_names(value: str) -> list[str]:
+    """The names of a comma-separated flag (``a, b`` -> ``["a", "b"]``), without the spaces around them."""
+    return [name.strip() for name in str(value).split(",") if name.strip()]
+
+
 def _column_list(value: str) -> str:
-    """``--image_column "jpg, png"`` as ``jpg,png``: the names without the spaces around them (" png" named no
-    column, and its rows were skipped as missing images)."""
-    return ",".join(name.strip() for name in str(value).split(",") if name.strip()) or value
+    """``--image_column "jpg, png"`` as ``jpg,png`` (" png" named no column, and its rows were skipped as missing
+    images)."""
+    return ",".join(_comma_names(value)) or value
 
 
 def _check_report_to(value: str) -> None:
-    names = [name.strip() for name in value.split(",") if name.strip()]
+    names = _comma_names(value)
     _require(
         value in ("auto", "none") or (names and all(name in TRACKERS for name in names)),
         "report_to",
@@ -564,11 +569,16 @@ def _check_run_paths(model: ModelArguments, data: DataArguments, training: Train
         )
 
 
+def _plain_path(value: str) -> bool:
+    """Neither a URL nor a glob: a path that must name something as it is written."""
+    return "://" not in value and not any(char in value for char in "*?[")
+
+
 def _require_local_path(name: str, value: str | None, hub: bool) -> None:
     """A value that can only be a local path (absolute, ``./``, ``~``, or several ``/``) must exist; ``name`` or
     ``org/name`` may be a Hub id or a builder, globs and URLs are for the loader to resolve. ``hub``: the field also
     takes a Hub id (said in the message)."""
-    if value is None or "://" in value or any(char in value for char in "*?["):
+    if value is None or not _plain_path(value):
         return
     local = value.startswith((".", "/", "~")) or not _HUB_ID.match(value)
     if local and not Path(value).expanduser().exists():
@@ -681,7 +691,7 @@ def _check_builder_files(flag: str, name: str | None, data_files: str | None, da
     # datasets reads data_files relative to data_dir when it is given; a folder there it looked for as a file, and the
     # error blamed the dataset name
     # (for a builder only: a dataset folder or Hub repo reads data_files inside itself)
-    if name in _FILE_BUILDERS and data_files and "://" not in data_files and not any(c in data_files for c in "*?["):
+    if name in _FILE_BUILDERS and data_files and _plain_path(data_files):
         if (Path(data_dir or ".").expanduser() / Path(data_files).expanduser()).is_dir():
             pattern = Path(data_files) / f"*.{_FILE_EXTENSIONS.get(name, '*')}"
             raise IsADirectoryError(

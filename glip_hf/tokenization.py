@@ -196,6 +196,11 @@ def _largest_id(tokenizer) -> int:
     return max(tokenizer.get_vocab().values())
 
 
+def id_count(tokenizer) -> int:
+    """The embedding rows ``tokenizer``'s ids need: its length, or more when its vocabulary is numbered with gaps."""
+    return max(len(tokenizer), _largest_id(tokenizer) + 1)
+
+
 def pooling_matches(text_config, tokenizer) -> bool:
     """Whether CLIP's text tower, configured by ``text_config``, pools at ``tokenizer``'s end-of-text token.
 
@@ -239,7 +244,7 @@ def check_tokenizer_serves(text_config, tokenizer, source: str) -> None:
             f"with id {tokenizer.eos_token_id}; fix text_config.eos_token_id in its config.json or save the matching "
             "tokenizer."
         )
-    ids = max(len(tokenizer), _largest_id(tokenizer) + 1)  # a vocabulary with gaps emits ids past its length
+    ids = id_count(tokenizer)
     if ids > text_config.vocab_size:  # ids past the embedding: an IndexError, a CUDA assert, other rows
         raise ValueError(
             f"{source}: its tokenizer emits ids up to {ids - 1} but its text tower embeds only "

@@ -66,7 +66,7 @@ from .seeding import seed_mask_stream
 from .sharding import full_state_dict, gradient_norm, make_shardable, parameter_value, uses_fsdp
 from .step import train_step
 from .synthetic import PROMPT_TEMPLATES
-from .tokenization import align_pooling_token, load_or_train_tokenizer, text_config_overrides
+from .tokenization import align_pooling_token, id_count, load_or_train_tokenizer, text_config_overrides
 from .tracking import TRACKER_PROJECT, MetricsLog, plot_loss_curve, resolve_report_to
 
 DIVERGED_EXIT = 3  # the exit status of a run stopped by --max_nonfinite_steps (a crash exits 1, a signal 128 + n)
@@ -187,9 +187,9 @@ def build_model(model_args: ModelArguments, tokenizer, checkpoint: Path | None =
         return GLIPModel._from_config(config, attn_implementation=model_args.attn_implementation, dtype=dtype)
     if model_args.init_from:
         config = GLIPConfig.from_pretrained(model_args.init_from, **masking)
-        if len(tokenizer) > config.text_config.vocab_size:
+        if id_count(tokenizer) > config.text_config.vocab_size:  # its ids must all have embedding rows
             raise ValueError(
-                f"tokenizer has {len(tokenizer)} tokens but {model_args.init_from} embeds only "
+                f"tokenizer has {id_count(tokenizer)} token ids but {model_args.init_from} embeds only "
                 f"{config.text_config.vocab_size}; pass the checkpoint's own tokenizer (--tokenizer_name)."
             )
         configured = config.text_config.eos_token_id
@@ -299,8 +299,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, training_args: 
     resumed_model = checkpoint if checkpoint is not None and (checkpoint / "config.json").is_file() else None
     if model_args.init_from and resumed_model is None:  # a resume rebuilds the checkpoint's model instead
         check_init_from(model_args.init_from)
+    model_source = resumed_model or model_args.init_from
     with _warnings_once(accelerator):  # before the resume check, which compares what it records
-        resolve_activation(model_args, run_config, str(resumed_model or model_args.init_from or "") or None)
+        resolve_activation(model_args, run_config, str(model_source) if model_source else None)
     if checkpoint is not None:
         with _warnings_once(accelerator):
             check_resume(checkpoint, run_config, accelerator.num_processes, fsdp=uses_fsdp(accelerator))

@@ -261,7 +261,14 @@ def push_run(
     check_hub_token()
     with tempfile.TemporaryDirectory(prefix="glip-hub-") as tmp:
         folder = prepare_folder(
-            run_dir, Path(tmp) / "upload", flavour, eval_files, repo_id, license, template, False, trust_remote_code
+            run_dir,
+            Path(tmp) / "upload",
+            flavour,
+            eval_files,
+            repo_id,
+            license,
+            template,
+            trust_remote_code=trust_remote_code,
         )
         api = HfApi()
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
