@@ -741,3 +741,21 @@ def test_the_end_of_run_evaluation_reads_a_held_out_column_of_class_names(tokeni
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert "No zero-shot evaluation: no row has a label in --label_column 'name'" in capsys.readouterr().out
+
+
+def test_init_from_refuses_a_tokenizer_numbered_past_its_embedding(tmp_path, tokenizer):
+    """A vocabulary of as many tokens as the checkpoint embeds, one of them numbered past it: its length passed the
+    check and the text tower then raised an IndexError."""
+    from glip_hf.tokenization import load_pretrained_tokenizer
+    from glip_hf.training import build_model
+
+    GLIPModel(tiny_config(tokenizer, mask_ratio=0.5)).save_pretrained(tmp_path / "init")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    content = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    vocab = content["model"]["vocab"]
+    vocab[next(token for token, index in vocab.items() if index == len(vocab) // 2)] = len(vocab) + 50
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(content))
+    gapped = load_pretrained_tokenizer(str(tmp_path / "tok"))
+    assert len(gapped) == len(tokenizer)
+    with pytest.raises(ValueError, match=r"tokenizer has \d+ token ids but .*init embeds only"):
+        build_model(_model_args("--init_from", str(tmp_path / "init")), gapped)
